@@ -1,0 +1,1 @@
+"""Weight converters: one module a part, `from_hf(path) -> nnx.Module` and `to_hf(module, path)`."""

@@ -1,0 +1,319 @@
+"""Machinery shared by the converters: key tables, tensor transforms, streaming safetensors in and out.
+
+A converter is one table of `Rule(hf_key, our_path, transform)`; the same table serves both directions.
+`{i}` in a rule marks a per-layer key stacked into the leading (layers) axis of our parameter.
+
+Import streams: every parameter is built with `jax.make_array_from_callback`, whose callback reads, per device
+shard, only the tensors that shard needs, straight from the memory-mapped files. Host memory stays at about one
+tensor beyond the output, and each host of a pod reads only its own shards. Export streams the other way into
+size-bounded safetensors shards plus an index, written into a temporary directory renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from genllava_jax import sharding as shd
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not match the model: names the key, the file or the shape."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transforms between one HF tensor and one (per-layer) slice of ours.
+
+
+@dataclasses.dataclass(frozen=True)
+class Copy:
+    """Same values; a reshape only (e.g. a (1, 1, D) token in HF against our (1, D))."""
+
+    def to_ours(self, t: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        return t.reshape(shape)
+
+    def hf_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(shape)
+
+    def to_hf(self, a: np.ndarray, hf_shape: Sequence[int]) -> np.ndarray:
+        return a.reshape(hf_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """torch (out, in) weight against our kernel (in..., out...), whose first `n_in` axes are the input."""
+
+    n_in: int = 1
+
+    def to_ours(self, t, shape):
+        return t.T.reshape(shape)
+
+    def hf_shape(self, shape):
+        return (math.prod(shape[self.n_in:]), math.prod(shape[:self.n_in]))
+
+    def to_hf(self, a, hf_shape):
+        return a.reshape(hf_shape[::-1]).T
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    """torch OIHW conv weight against our HWIO kernel."""
+
+    def to_ours(self, t, shape):
+        return t.transpose(2, 3, 1, 0).reshape(shape)
+
+    def hf_shape(self, shape):
+        h, w, i, o = shape
+        return (o, i, h, w)
+
+    def to_hf(self, a, hf_shape):
+        return a.transpose(3, 2, 0, 1)
+
+
+COPY, LINEAR, CONV = Copy(), Linear(), Conv()
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    hf: str  # e.g. "model.layers.{i}.self_attn.q_proj.weight"
+    ours: str  # "/"-joined path in our nnx state, e.g. "layers/q/kernel"
+    transform: Copy | Linear | Conv = COPY
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading HF checkpoints tensor by tensor.
+
+
+class TensorReader:
+    """Keys, shapes and lazy tensors of a folder with `model.safetensors`, a sharded index, or a `.bin` file."""
+
+    def __init__(self, folder: str | os.PathLike, prefix: str = "model"):
+        self.folder = Path(folder)
+        self._files: dict[str, Path] = {}
+        self._open: dict[Path, object] = {}
+        self._torch: dict[str, object] | None = None
+        index = self.folder / f"{prefix}.safetensors.index.json"
+        single = self.folder / f"{prefix}.safetensors"
+        binary = self.folder / f"{prefix.replace('model', 'pytorch_model')}.bin"
+        if index.exists():
+            for key, fname in json.loads(index.read_text())["weight_map"].items():
+                self._files[key] = self.folder / fname
+        elif single.exists():
+            self._files = {k: single for k in self._handle(single).keys()}
+        elif binary.exists():
+            import torch  # pickles are read only with weights_only=True: no code runs from the file
+
+            self._torch = torch.load(binary, map_location="cpu", weights_only=True, mmap=True)
+            self._files = {k: binary for k in self._torch}
+        else:
+            raise ConversionError(f"{self.folder}: no {single.name}, {index.name} or {binary.name} found")
+
+    def _handle(self, path: Path):
+        if path not in self._open:
+            from safetensors import safe_open
+
+            if not path.exists():
+                raise ConversionError(f"{path}: listed in the index but missing")
+            try:
+                self._open[path] = safe_open(str(path), framework="numpy")
+            except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+                raise ConversionError(f"{path}: cannot be read as safetensors ({e})") from e
+        return self._open[path]
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._files
+
+    def info(self, key: str) -> tuple[tuple[int, ...], bool]:
+        """(shape, is floating point) from the header, without reading the data."""
+        if self._torch is not None:
+            t = self._torch[key]
+            return tuple(t.shape), t.is_floating_point()
+        sl = self._handle(self._files[key]).get_slice(key)
+        return tuple(sl.get_shape()), sl.get_dtype() in ("F16", "BF16", "F32", "F64")
+
+    def get(self, key: str) -> np.ndarray:
+        if self._torch is not None:
+            t = self._torch[key]
+            if str(t.dtype) == "torch.bfloat16":
+                import ml_dtypes
+
+                return t.view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
+            return t.numpy()
+        try:
+            return self._handle(self._files[key]).get_tensor(key)
+        except ConversionError:
+            raise
+        except Exception as e:
+            raise ConversionError(f"{self._files[key]}: tensor {key!r} cannot be read ({e})") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Import
+
+
+def flat_vars(state) -> dict[str, nnx.Variable]:
+    """Our state as {"a/b/c": Variable}."""
+    return {"/".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
+
+
+def _expand(rule: Rule, num_layers: int | None) -> list[str]:
+    if not rule.stacked:
+        return [rule.hf]
+    return [rule.hf.format(i=i) for i in range(num_layers)]
+
+
+def plan(rules: Iterable[Rule], abstract_state, reader_keys: Iterable[str] | None = None,
+         ignore: Callable[[str], bool] = lambda k: False) -> list[tuple[Rule, str, tuple, object]]:
+    """Matches rules to our parameters: (rule, path, our shape, dtype) for each parameter the model has.
+
+    Raises if a parameter has no rule; with `reader_keys`, if a needed key is missing or a key is unused.
+    """
+    ours = flat_vars(abstract_state)
+    by_path = {r.ours: r for r in rules}
+    unmapped = sorted(set(ours) - set(by_path))
+    if unmapped:
+        raise ConversionError(f"no conversion rule for our parameters {unmapped}")
+    out = []
+    for path, var in ours.items():
+        out.append((by_path[path], path, tuple(var.value.shape), var.value.dtype))
+    if reader_keys is not None:
+        have = set(reader_keys)
+        needed = {k for rule, _, shape, _ in out for k in _expand(rule, shape[0] if rule.stacked else None)}
+        missing = sorted(needed - have)
+        if missing:
+            raise ConversionError(f"missing keys in the checkpoint: {missing[:10]}"
+                                  + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+        unexpected = sorted(k for k in have - needed if not ignore(k))
+        if unexpected:
+            raise ConversionError(f"unexpected keys in the checkpoint (not part of this model): {unexpected[:10]}"
+                                  + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+    return out
+
+
+def _check_tensor(reader: TensorReader, key: str, want: tuple) -> None:
+    got, is_float = reader.info(key)
+    if tuple(got) != tuple(want):
+        raise ConversionError(f"{key}: shape {tuple(got)} in the checkpoint, but the config needs {tuple(want)}")
+    if not is_float:
+        raise ConversionError(f"{key}: not a floating-point tensor in the checkpoint")
+
+
+def load_state(reader: TensorReader, rules: Sequence[Rule], abstract_model: nnx.Module, mesh=None,
+               ignore: Callable[[str], bool] = lambda k: False):
+    """Our nnx state for `abstract_model` (from nnx.eval_shape) filled from `reader`, placed by the rules."""
+    graphdef, abs_state = nnx.split(abstract_model)
+    entries = plan(rules, abs_state, reader.keys(), ignore)
+    if mesh is None:
+        mesh = shd.make_mesh({"data": 1}, jax.local_devices()[:1])
+    shardings = shd.state_shardings(abs_state, mesh)
+    flat_sh = {p: v.value for p, v in flat_vars(shardings).items()}
+    values = {}
+    for rule, path, shape, dtype in entries:
+        layer_shape = shape[1:] if rule.stacked else shape
+        hf_shape = rule.transform.hf_shape(layer_shape)
+        for key in _expand(rule, shape[0] if rule.stacked else None):
+            _check_tensor(reader, key, hf_shape)
+
+        def fetch(index, rule=rule, shape=shape, layer_shape=layer_shape, dtype=dtype):
+            if not rule.stacked:
+                return rule.transform.to_ours(reader.get(rule.hf), layer_shape).astype(dtype)[index]
+            layers = range(shape[0])[index[0]]
+            return np.stack([rule.transform.to_ours(reader.get(rule.hf.format(i=i)), layer_shape).astype(dtype)
+                             [index[1:]] for i in layers])
+
+        values[path] = jax.make_array_from_callback(shape, flat_sh[path], fetch)
+    flat = [(tuple(p.split("/")), v.replace(values[p])) for p, v in flat_vars(abs_state).items()]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def hf_tensors(module: nnx.Module, rules: Sequence[Rule], dtype=None):
+    """Yields (hf_key, numpy tensor) one at a time from our module."""
+    state = nnx.state(module, nnx.Param)
+    for rule, path, shape, _ in plan(rules, state):
+        a = np.asarray(jax.device_get(flat_vars(state)[path].value))
+        if dtype is not None:
+            a = a.astype(dtype)
+        layer_shape = shape[1:] if rule.stacked else shape
+        hf_shape = rule.transform.hf_shape(layer_shape)
+        if rule.stacked:
+            for i in range(shape[0]):
+                yield rule.hf.format(i=i), np.ascontiguousarray(rule.transform.to_hf(a[i], hf_shape))
+        else:
+            yield rule.hf, np.ascontiguousarray(rule.transform.to_hf(a, hf_shape))
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
+    """Yields a temporary directory beside `out`, renamed to `out` only if the block finishes."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], folder: Path, prefix: str = "model",
+                      max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Writes size-bounded shards and, when there is more than one, `{prefix}.safetensors.index.json`."""
+    from safetensors.numpy import save_file
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    names: list[str] = []
+    weight_map: dict[str, int] = {}
+    size = total = 0
+
+    def flush(last: bool):
+        names.append(f"{prefix}-{len(names) + 1:05d}.safetensors")
+        save_file(shards[-1], str(folder / names[-1]), metadata={"format": "pt"})
+        if not last:
+            shards[-1] = {}
+
+    for key, t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            flush(last=False)
+            size = 0
+        shards[-1][key] = t
+        weight_map[key] = len(names)
+        size += t.nbytes
+        total += t.nbytes
+    flush(last=True)
+    if len(names) == 1:
+        os.replace(folder / names[0], folder / f"{prefix}.safetensors")
+        return [f"{prefix}.safetensors"]
+    index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
+    (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names

@@ -1,0 +1,1 @@
+"""GenLLaVA in pure JAX."""

@@ -1,0 +1,196 @@
+"""Layers shared by the towers: linears, norms, embeddings, RoPE, attention, scan over stacked layers.
+
+Every parameter carries logical axis names in its `out_sharding` metadata; `sharding.py` maps them to the mesh.
+Kernels are stored (in, out) or (in, heads, head_dim); converters reshape from torch's (out, in).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+Names = tuple[str | None, ...]
+
+
+def param(rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int], names: Names, dtype: Dtype) -> nnx.Param:
+    """A parameter with logical axis names; placement on devices is done by `sharding.create_sharded`."""
+    assert len(names) == len(shape), (names, shape)
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    return nnx.Param(init(key, tuple(shape), dtype), out_sharding=tuple(names), eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """y = x @ W (+ b) contracting the last `len(in_shape)` axes of x; `in_shape`/`out_shape` may be multi-axis."""
+
+    def __init__(self, in_shape, out_shape, names: Names, *, use_bias: bool = False, rngs: nnx.Rngs,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                 kernel_init: Callable | None = None):
+        self.in_shape = tuple(in_shape) if isinstance(in_shape, (tuple, list)) else (in_shape,)
+        self.out_shape = tuple(out_shape) if isinstance(out_shape, (tuple, list)) else (out_shape,)
+        init = kernel_init or nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                                in_axis=tuple(range(len(self.in_shape))),
+                                                                out_axis=tuple(range(len(self.in_shape), len(names))))
+        self.kernel = param(rngs, init, self.in_shape + self.out_shape, names, param_dtype)
+        self.bias = (param(rngs, nnx.initializers.zeros, self.out_shape, names[len(self.in_shape):], param_dtype)
+                     if use_bias else None)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_shape)
+        k = self.kernel[...].astype(self.dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), k,
+                                ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    def __init__(self, num: int, features: int, *, rngs: nnx.Rngs, names: Names = ("vocab", "embed"),
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, stddev: float = 0.02):
+        self.embedding = param(rngs, nnx.initializers.normal(stddev), (num, features), names, param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output head: logits = x @ E^T."""
+        return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, computed in float32 as HF's MistralRMSNorm does."""
+
+    def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs | None = None, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32, names: Names = ("norm",)):
+        self.scale = param(None, nnx.initializers.ones, (dim,), names, param_dtype)
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...].astype(jnp.float32) * y).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs | None = None, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32, names: Names = ("norm",)):
+        self.scale = param(None, nnx.initializers.ones, (dim,), names, param_dtype)
+        self.bias = param(None, nnx.initializers.zeros, (dim,), names, param_dtype)
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rotary position embedding, in HF's "rotate half" layout (so converters copy q/k weights without permuting).
+
+
+def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    head_dim = x_BTHD.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    angles_BTD = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles_BTD), jnp.sin(angles_BTD)
+    x = x_BTHD.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos + rotated * sin).astype(x_BTHD.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+def attention_mask(q_pos_BT: jax.Array, k_pos_BS: jax.Array, k_valid_BS: jax.Array, *, causal: bool = True,
+                   sliding_window: int | None = None) -> jax.Array:
+    """Boolean (B, 1, T, S) mask from positions: key valid, not in the future, and inside the window."""
+    mask = k_valid_BS[:, None, None, :].astype(bool)
+    diff = q_pos_BT[:, None, :, None] - k_pos_BS[:, None, None, :]
+    if causal:
+        mask &= diff >= 0
+    if sliding_window is not None:
+        mask &= diff < sliding_window
+    return mask
+
+
+def dot_product_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_B1TS: jax.Array | None,
+                          scale: float | None = None) -> jax.Array:
+    """Softmax attention with grouped KV heads (N a multiple of K), softmax in float32.
+
+    Fully masked rows (padding queries) give a uniform average instead of NaN.
+    """
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    scale = H ** -0.5 if scale is None else scale
+    q = q_BTNH.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH, preferred_element_type=jnp.float32) * scale
+    if mask_B1TS is not None:
+        logits = jnp.where(mask_B1TS[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+    return out.reshape(B, T, N, H)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stacked layers: built with nnx.vmap (adds a leading "layers" axis to every parameter), run with lax.scan.
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; choose one of {sorted(REMAT_POLICIES)}")
+    if policy == "none":
+        return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
+
+
+def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """One module whose parameters have a leading `layers` axis of size `num_layers`."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(r):
+        return make_layer(r)
+
+    return build(rngs)
+
+
+def scan_layers(stacked: nnx.Module, body: Callable, carry, xs=None, *, policy: str = "none", scan: bool = True):
+    """Runs `body(layer, carry, x) -> (carry, y)` over the stacked layers; `xs`/`ys` carry a leading layer axis.
+
+    The layer is rebuilt from its state slice with `nnx.merge` inside the scanned function, so the loop is plain
+    `lax.scan` (compile time independent of depth) under a named remat policy.
+    """
+    graphdef, state = nnx.split(stacked)
+
+    def step(c, inputs):
+        layer_state, x = inputs
+        return body(nnx.merge(graphdef, layer_state), c, x)
+
+    step = remat(step, policy)
+    if scan:
+        return jax.lax.scan(step, carry, (state, xs))
+    num = jax.tree.leaves(state)[0].shape[0]
+    ys = []
+    for i in range(num):
+        carry, y = step(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+        ys.append(y)
+    return carry, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))

@@ -1,0 +1,20 @@
+"""One file a part: mistral, siglip, qformer, unet, vae, genllava.
+
+REGISTRY maps a part name to (module, config class, model class): what our checkpoints record in `config.json`
+so that `genllava_jax.checkpoint.load_module` can rebuild the model abstractly and restore it onto a mesh.
+"""
+
+import importlib
+
+REGISTRY = {
+    "mistral": ("genllava_jax.models.mistral", "MistralConfig", "Mistral"),
+}
+
+
+def lookup(part: str):
+    """(config class, model class) for a part name."""
+    if part not in REGISTRY:
+        raise KeyError(f"unknown part {part!r}; known parts: {sorted(REGISTRY)}")
+    mod, cfg_name, model_name = REGISTRY[part]
+    m = importlib.import_module(mod)
+    return getattr(m, cfg_name), getattr(m, model_name)

@@ -1,0 +1,143 @@
+"""The device mesh, the logical-axis rules, and building models already sharded.
+
+Parameters and activations name their axes logically ("embed", "heads", "batch", ...); one rules table maps those
+names to the mesh axes ("data", "fsdp", "tensor"). A mesh axis that does not divide a dimension, or is already used
+by an earlier dimension of the same array, is dropped for that array (e.g. 8 KV heads on tensor=16 stay
+replicated) so every rule is valid for every model size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis, tuple of mesh axes, or None (replicated).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+_rules: list[tuple[tuple[str, Any], ...]] = [DEFAULT_RULES]
+
+
+@contextlib.contextmanager
+def axis_rules(rules: Sequence[tuple[str, Any]]):
+    """Use another rules table for `constrain` and the sharding helpers inside this block."""
+    _rules.append(tuple(rules))
+    try:
+        yield
+    finally:
+        _rules.pop()
+
+
+def current_rules() -> tuple[tuple[str, Any], ...]:
+    return _rules[-1]
+
+
+def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor) in that order; one size may be -1 to take the remaining devices."""
+    unknown = set(axes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(axes.get(name, 1)) for name in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known}) do not divide the "
+                             f"{len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} slots but there are "
+                         f"{len(devices)} devices; set one axis to -1 or make the product {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None,
+                    rules: Sequence[tuple[str, Any]] | None = None) -> P:
+    """PartitionSpec for logical axis names; with shape and mesh, drops axes that do not divide or repeat."""
+    table = dict(current_rules() if rules is None else rules)
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(names):
+        if name is not None and name not in table:
+            raise KeyError(f"logical axis {name!r} has no sharding rule; add it to the rules table")
+        target = table.get(name) if name is not None else None
+        targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        kept = []
+        for axis in targets:
+            if axis in used:
+                continue
+            if mesh is not None and shape is not None:
+                size = mesh.shape[axis]
+                if size == 1 or shape[i] % (size * math.prod(mesh.shape[a] for a in kept)):
+                    continue
+            kept.append(axis)
+        used.update(kept)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*out)
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules=None):
+    """NamedShardings for an (abstract) nnx state, from each Variable's `out_sharding` logical names."""
+
+    def one(v):
+        names = v.get_metadata().get("out_sharding")
+        shape = v.value.shape if hasattr(v, "value") else v.shape
+        spec = P() if not names else logical_to_spec(names, shape, mesh, rules)
+        return v.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, abstract_state, is_leaf=_is_var)
+
+
+def create_sharded(ctor: Callable[[], nnx.Module], mesh: Mesh, rules=None) -> nnx.Module:
+    """Builds `ctor()` directly in its shardings: nothing full-size ever lives on one device."""
+    abstract = nnx.eval_shape(ctor)
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = state_shardings(abs_state, mesh, rules)
+
+    state = jax.jit(lambda: nnx.state(ctor()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def shard_module(module: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
+    """Moves an existing module's parameters onto the mesh according to the rules."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical names; a no-op outside a mesh context (`jax.set_mesh`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
