@@ -194,3 +194,61 @@ def scan_layers(stacked: nnx.Module, body: Callable, carry, xs=None, *, policy: 
         carry, y = step(carry, jax.tree.map(lambda a: a[i], (state, xs)))
         ys.append(y)
     return carry, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Convolutions and group norm (NHWC images, HWIO kernels), for the vision and diffusion towers.
+
+
+class Conv(nnx.Module):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int | tuple[int, int], *, stride: int = 1,
+                 padding: int | str = 0, use_bias: bool = True, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32, names: Names = ("conv_h", "conv_w", "conv_in", "conv_out")):
+        kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2), out_axis=3)
+        self.kernel = param(rngs, init, (kh, kw, in_ch, out_ch), names, param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (out_ch,), names[-1:], param_dtype) if use_bias else None
+        self.stride = stride
+        self.padding = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
+        self.dtype = dtype
+
+    def __call__(self, x_NHWC: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(x_NHWC.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                         (self.stride, self.stride), self.padding,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class GroupNorm(nnx.Module):
+    """torch.nn.GroupNorm over the channel (last) axis of NHWC or (N, L, C) tensors, in float32."""
+
+    def __init__(self, num_groups: int, channels: int, eps: float = 1e-5, *, rngs: nnx.Rngs | None = None,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, names: Names = ("norm",)):
+        if channels % num_groups:
+            raise ValueError(f"GroupNorm: {channels} channels are not divisible into {num_groups} groups")
+        self.scale = param(None, nnx.initializers.ones, (channels,), names, param_dtype)
+        self.bias = param(None, nnx.initializers.zeros, (channels,), names, param_dtype)
+        self.num_groups, self.eps, self.dtype = num_groups, eps, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape
+        g = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, shape[-1] // self.num_groups)
+        mean = g.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
+        y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS = {"gelu": gelu_exact, "gelu_pytorch_tanh": gelu_tanh, "gelu_new": gelu_tanh, "quick_gelu":
+               lambda x: x * jax.nn.sigmoid(1.702 * x), "silu": jax.nn.silu, "swish": jax.nn.silu,
+               "relu": jax.nn.relu}

@@ -30,6 +30,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("conv_h", None),
+    ("conv_w", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
     # activations
     ("batch", ("data", "fsdp")),
     ("length", None),
