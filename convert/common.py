@@ -193,7 +193,7 @@ def plan(rules: Iterable[Rule], abstract_state, reader_keys: Iterable[str] | Non
         raise ConversionError(f"no conversion rule for our parameters {unmapped}")
     out = []
     for path, var in ours.items():
-        out.append((by_path[path], path, tuple(var.value.shape), var.value.dtype))
+        out.append((by_path[path], path, tuple(var.get_value().shape), var.get_value().dtype))
     if reader_keys is not None:
         have = set(reader_keys)
         needed = {k for rule, _, shape, _ in out for k in _expand(rule, shape[0] if rule.stacked else None)}
@@ -224,7 +224,7 @@ def load_state(reader: TensorReader, rules: Sequence[Rule], abstract_model: nnx.
     if mesh is None:
         mesh = shd.make_mesh({"data": 1}, jax.local_devices()[:1])
     shardings = shd.state_shardings(abs_state, mesh)
-    flat_sh = {p: v.value for p, v in flat_vars(shardings).items()}
+    flat_sh = {p: v.get_value() for p, v in flat_vars(shardings).items()}
     values = {}
     for rule, path, shape, dtype in entries:
         layer_shape = shape[1:] if rule.stacked else shape
@@ -252,7 +252,7 @@ def hf_tensors(module: nnx.Module, rules: Sequence[Rule], dtype=None):
     """Yields (hf_key, numpy tensor) one at a time from our module."""
     state = nnx.state(module, nnx.Param)
     for rule, path, shape, _ in plan(rules, state):
-        a = np.asarray(jax.device_get(flat_vars(state)[path].value))
+        a = np.asarray(jax.device_get(flat_vars(state)[path].get_value()))
         if dtype is not None:
             a = a.astype(dtype)
         layer_shape = shape[1:] if rule.stacked else shape

@@ -116,7 +116,7 @@ def state_shardings(abstract_state, mesh: Mesh, rules=None):
 
     def one(v):
         names = v.get_metadata().get("out_sharding")
-        shape = v.value.shape if hasattr(v, "value") else v.shape
+        shape = v.get_value().shape
         spec = P() if not names else logical_to_spec(names, shape, mesh, rules)
         return v.replace(NamedSharding(mesh, spec))
 

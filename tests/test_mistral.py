@@ -134,8 +134,8 @@ def test_bfloat16_checkpoint_loads_into_float32_and_bfloat16(tmp_path):
     path = save_hf(model.to(torch.bfloat16), tmp_path / "bf16")
     ours32 = conv.from_hf(path)
     ours16 = conv.from_hf(path, param_dtype="bfloat16", dtype="bfloat16")
-    assert ours32.layers.q.kernel.value.dtype == jnp.float32
-    assert ours16.layers.q.kernel.value.dtype == jnp.bfloat16
+    assert ours32.layers.q.kernel.get_value().dtype == jnp.float32
+    assert ours16.layers.q.kernel.get_value().dtype == jnp.bfloat16
     ids = jnp.asarray(np.random.RandomState(6).randint(0, 97, (1, 8)))
     l32, l16 = ours32(ids).logits, ours16(ids).logits.astype(jnp.float32)
     assert_close(l16, l32, rel=5e-2, what="bf16 logits")
