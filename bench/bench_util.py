@@ -1,0 +1,26 @@
+"""Writes one benchmark's result into its own section of BENCHMARKS.md (replacing the previous run's)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def record(name: str, command: str, header: list[str], row: list[str], note: str = "") -> str:
+    """Prints the table and stores it under `## <name>` in BENCHMARKS.md with the command and the machine."""
+    table = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n| " + " | ".join(row) + " |\n"
+    when = datetime.date.today().isoformat()
+    section = (f"## {name}\n\nCommand: `{command}`  \nMachine: {os.cpu_count()} CPU cores, {platform.machine()}, "
+               f"{when}.\n\n{table}" + (f"\n{note}\n" if note else ""))
+    print(table)
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nEach section: the command that produced it.\n"
+    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    path.write_text(text)
+    return section
