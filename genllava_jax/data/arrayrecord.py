@@ -1,0 +1,80 @@
+"""GVIT records with their images embedded, in ArrayRecord: random access into sets too large for one JSON file.
+
+    python -m genllava_jax.data.arrayrecord --src data.jsonl --out data.arrayrecord
+
+An entry is the GVIT record with `image` / `target_image` replaced by the image file's bytes (as stored: PNG, JPEG,
+...), packed with msgpack (bytes natively, no pickle). Records that would be skipped in training (malformed, missing
+or corrupt image, ...) are left out and counted. The pipeline reads a path ending .arrayrecord with `open_source`.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from pathlib import Path
+
+import grain
+import msgpack
+from absl import app, flags
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from genllava_jax.data.records import BadRecord, as_dict, load_image, parse, read_records
+
+IMAGE_KEYS = ("image", "target_image")
+
+
+def pack(record: dict) -> bytes:
+    return msgpack.packb(record, use_bin_type=True)
+
+
+def unpack(data: bytes) -> dict:
+    try:
+        return msgpack.unpackb(data, raw=False)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise BadRecord("malformed", f"not a msgpack record: {e}") from None
+
+
+def open_source(path: str | Path) -> grain.sources.ArrayRecordDataSource:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    return grain.sources.ArrayRecordDataSource(str(path))
+
+
+def embed(raw: str | dict, base_dir: Path) -> dict:
+    """The record as a dict with its image files' bytes in place of their paths; BadRecord if it would be skipped."""
+    out = dict(as_dict(raw))
+    record = parse(out, base_dir)
+    for key in IMAGE_KEYS:
+        ref = getattr(record, key)
+        if ref is not None:
+            load_image(ref)  # fails now on a missing or corrupt file rather than in training
+            out[key] = ref if isinstance(ref, bytes) else Path(ref).read_bytes()
+    return out
+
+
+def write(src: str | Path, out: str | Path) -> collections.Counter:
+    """Converts a GVIT .json/.jsonl file; returns the counts of written and skipped (by reason) records."""
+    counts, base_dir, tmp, raws = collections.Counter(), Path(src).parent, f"{out}.tmp", read_records(src)
+    writer = ArrayRecordWriter(tmp, "group_size:1")  # group_size 1: each record readable on its own (random access)
+    try:
+        for raw in raws:
+            try:
+                writer.write(pack(embed(raw, base_dir)))
+                counts["written"] += 1
+            except BadRecord as e:
+                counts[e.reason] += 1
+    finally:
+        writer.close()
+    os.replace(tmp, out)  # a crash never leaves a half-written file under the final name
+    return counts
+
+
+def main(_):
+    counts = write(flags.FLAGS.src, flags.FLAGS.out)
+    print(f"wrote {counts.pop('written', 0)} records to {flags.FLAGS.out}; skipped: {dict(counts) or 'none'}")
+
+
+if __name__ == "__main__":  # flags defined here only: the pipeline imports this module
+    flags.DEFINE_string("src", None, "GVIT .json or .jsonl file (images relative to it)", required=True)
+    flags.DEFINE_string("out", None, "the .arrayrecord file to write", required=True)
+    app.run(main)
