@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-PARTS = ("mistral",)
+PARTS = ("mistral", "siglip", "projector")
 
 
 def main(argv=None) -> int:

@@ -81,18 +81,45 @@ class Conv:
         return a.transpose(3, 2, 0, 1)
 
 
-COPY, LINEAR, CONV = Copy(), Linear(), Conv()
+@dataclasses.dataclass(frozen=True)
+class Flat:
+    """A flat torch tensor against our multi-axis one, e.g. a q bias (N*H,) against our (N, H)."""
+
+    def to_ours(self, t, shape):
+        return t.reshape(shape)
+
+    def hf_shape(self, shape):
+        return (math.prod(shape),)
+
+    def to_hf(self, a, hf_shape):
+        return a.reshape(hf_shape)
+
+
+COPY, LINEAR, CONV, FLAT = Copy(), Linear(), Conv(), Flat()
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
     hf: str  # e.g. "model.layers.{i}.self_attn.q_proj.weight"
     ours: str  # "/"-joined path in our nnx state, e.g. "layers/q/kernel"
-    transform: Copy | Linear | Conv = COPY
+    transform: Copy | Linear | Conv | Flat = COPY
 
     @property
     def stacked(self) -> bool:
         return "{i}" in self.hf
+
+
+def with_prefix(rules: Iterable[Rule], prefix: str) -> tuple[Rule, ...]:
+    """The same table for a checkpoint that nests the part under `prefix` (e.g. "vision_model.")."""
+    return tuple(dataclasses.replace(r, hf=prefix + r.hf) for r in rules)
+
+
+def find_prefix(keys: Iterable[str], anchor: str) -> str:
+    """What precedes `anchor` (a key every layout of a part has) in the checkpoint's keys; it must be unique."""
+    found = sorted({k[:-len(anchor)] for k in keys if k.endswith(anchor) and k[:-len(anchor)][-1:] in ("", ".")})
+    if len(found) != 1:
+        raise ConversionError(f"expected one key ending in {anchor!r}, found prefixes {found}; pass prefix=")
+    return found[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------

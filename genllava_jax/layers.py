@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from genllava_jax.sharding import constrain
+
 Dtype = Any
 Names = tuple[str | None, ...]
 
@@ -56,7 +58,10 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # FSDP: gather the whole table first (as XLA does for matmul weights); a gather out of an fsdp-sharded
+        # table into batch-sharded activations otherwise makes the partitioner replicate it the slow way
+        table = constrain(self.embedding[...], (None, None))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output head: logits = x @ E^T."""

@@ -8,6 +8,8 @@ import importlib
 
 REGISTRY = {
     "mistral": ("genllava_jax.models.mistral", "MistralConfig", "Mistral"),
+    "siglip": ("genllava_jax.models.siglip", "SiglipVisionConfig", "SiglipVision"),
+    "projector": ("genllava_jax.models.projector", "ProjectorConfig", "Projector"),
 }
 
 

@@ -1,0 +1,41 @@
+"""The LLaVA projector (`model.mm_projector.0/2.*`, Linear -> GELU -> Linear) <-> our `Projector`.
+
+    python -m convert projector --from-hf LLAVA_DIR --out OUR_DIR
+    python -m convert projector --to-hf OUR_DIR --out HF_DIR
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flax import nnx
+
+from convert.common import COPY, LINEAR, Rule, TensorReader, atomic_dir, hf_tensors, load_state, with_prefix, \
+    write_safetensors
+from genllava_jax.models.projector import Projector, ProjectorConfig
+
+PREFIX = "model.mm_projector."
+RULES = tuple(Rule(f"{i}.{w}", f"{fc}/{o}", t) for i, fc in ((0, "fc1"), (2, "fc2"))
+              for w, o, t in (("weight", "kernel", LINEAR), ("bias", "bias", COPY)))
+
+
+def from_hf(path, mesh=None, *, prefix: str = PREFIX, **overrides) -> Projector:
+    """Loads the projector from a LLaVA folder (config.json with mm_hidden_size / hidden_size); other keys are
+    ignored."""
+    path = Path(path)
+    cfg = ProjectorConfig.from_hf(json.loads((path / "config.json").read_text()), **overrides)
+    abstract = nnx.eval_shape(lambda: Projector(cfg, rngs=nnx.Rngs(0)))
+    return load_state(TensorReader(path), with_prefix(RULES, prefix), abstract, mesh,
+                      ignore=lambda k: not k.startswith(prefix))
+
+
+def to_hf(model: Projector, path, *, prefix: str = PREFIX, dtype=None, max_shard_bytes: int = 5 * 2**30,
+          overwrite: bool = False) -> None:
+    """Writes the projector's keys in LLaVA layout and a config.json with its LLaVA fields."""
+    with atomic_dir(path, overwrite) as tmp:
+        hf_cfg = model.cfg.to_hf()
+        if dtype is not None:
+            hf_cfg["torch_dtype"] = str(dtype)
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        write_safetensors(hf_tensors(model, with_prefix(RULES, prefix), dtype), tmp, max_shard_bytes=max_shard_bytes)

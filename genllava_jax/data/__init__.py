@@ -1,0 +1,1 @@
+"""Data: records, templates and tokenisation, image preprocessing."""
