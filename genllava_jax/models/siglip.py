@@ -60,6 +60,8 @@ class SiglipVisionConfig:
         for key in ("image_size", "patch_size"):
             if not isinstance(hf.get(key, 0), int):
                 raise ValueError(f"{key}={hf[key]!r}: only square sizes (a single int) are supported")
+        if hf.get("hidden_size", 768) % hf.get("num_attention_heads", 12):
+            raise ValueError(f"hidden_size={hf['hidden_size']} is not divisible by num_attention_heads")
         act = hf.get("hidden_act", "gelu_pytorch_tanh")
         if act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={act!r} is not supported; known: {sorted(ACTIVATIONS)}")
