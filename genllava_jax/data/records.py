@@ -74,7 +74,8 @@ def _turns(conversations) -> tuple[tuple[str, str], ...]:
     if not any(role in ASSISTANT for role, _ in msgs):
         raise BadRecord("no_assistant")
     users, answers = msgs[0::2], msgs[1::2]
-    if len(users) != len(answers) or any(r not in USER for r, _ in users) or any(r not in ASSISTANT for r, _ in answers):
+    alternate = all(r in USER for r, _ in users) and all(r in ASSISTANT for r, _ in answers)
+    if len(users) != len(answers) or not alternate:
         raise BadRecord("bad_turns", f"roles must alternate user/assistant, got {[r for r, _ in msgs]}")
     return tuple((u, a) for (_, u), (_, a) in zip(users, answers))
 

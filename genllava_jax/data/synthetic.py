@@ -49,6 +49,11 @@ class Scene:
     def caption(self) -> str:
         return f"a {self.size} {self.colour} {self.kind} {WHERE[self.position]}"
 
+    @property
+    def full_caption(self) -> str:
+        """Everything in the image: the records' `caption` (for the optional alignment loss)."""
+        return f"{self.caption} on a {self.background} background"
+
 
 ALL_SCENES = [Scene(*s) for s in itertools.product(COLOURS, KINDS, SIZES, POSITIONS, BACKGROUNDS)]
 
@@ -126,8 +131,8 @@ def i2t_record(rng: random.Random, scene: Scene) -> dict:
 
 def t2i_record(rng: random.Random, scene: Scene) -> dict:
     prompt = rng.choice([f"Draw a {scene.colour} {scene.kind}.", f"Generate an image of {scene.caption}.",
-                         f"Draw {scene.caption} on a {scene.background} background."])
-    return dict(task="t2i", target_image=_image(scene), caption=f"{scene.caption} on a {scene.background} background",
+                         f"Draw {scene.full_caption}."])
+    return dict(task="t2i", target_image=_image(scene), caption=scene.full_caption,
                 conversations=_conv(prompt, ""), meta={"scene": dataclasses.asdict(scene)})
 
 
@@ -140,9 +145,10 @@ def edit_record(rng: random.Random, scene: Scene) -> dict:
     instruction = {"colour": f"Make it {new}.", "kind": f"Turn it into a {new}.",
                    "position": f"Move it to the {new}.",
                    "size": "Make it larger." if new == "large" else "Make it smaller."}[attribute]
-    return dict(task="edit", image=_image(scene), target_image=_image(target), caption=target.caption,
+    return dict(task="edit", image=_image(scene), target_image=_image(target), caption=target.full_caption,
                 conversations=_conv(f"{IMAGE}\n{instruction}", ""),
-                meta={"source": dataclasses.asdict(scene), "target": dataclasses.asdict(target), "attribute": attribute})
+                meta={"source": dataclasses.asdict(scene), "target": dataclasses.asdict(target),
+                      "attribute": attribute})
 
 
 def text_record(rng: random.Random, scene: Scene) -> dict:
@@ -188,7 +194,8 @@ def make_synthetic(out_dir: str | Path, num_train: int = 4000, num_eval: int = 2
     for name in sorted(names):
         Image.fromarray(render(by_name[name], image_size)).save(out / name)
     # The template encodes the text around <image> piece by piece, stripped: train on the same pieces.
-    texts = [p.strip() for rs in splits.values() for r in rs for c in r["conversations"] for p in c["value"].split(IMAGE)]
+    texts = [p.strip() for rs in splits.values() for r in rs for c in r["conversations"]
+             for p in c["value"].split(IMAGE)]
     texts += [r["caption"] for rs in splits.values() for r in rs if "caption" in r]
     tokenizer = train_tokenizer(texts, out / "tokenizer", num_img_tokens=num_img_tokens, vocab_size=512)
     return {"train": out / "train.jsonl", "eval": out / "eval.jsonl", "images": out / "images", "tokenizer": tokenizer}

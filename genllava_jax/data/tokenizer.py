@@ -63,7 +63,7 @@ def load_tokenizer(path: str | Path, num_img_tokens: int = 16):
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, *, num_img_tokens: int = 16,
                     vocab_size: int = 1024) -> Path:
-    """A BPE tokenizer trained on `texts`, saved in the HF format; Mistral's layout (<unk> 0, <s> 1, </s> 2, ▁ words)."""
+    """A BPE tokenizer trained on `texts`, saved in the HF format; Mistral's layout (<unk> 0, <s> 1, </s> 2, ▁)."""
     special = ["<unk>", "<s>", "</s>", "<pad>", INST, END_INST, *genllava_tokens(num_img_tokens)]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     # "always" prepends ▁ to every piece we encode separately, so a piece tokenises as it would after a space.
