@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-PARTS = ("mistral", "siglip", "projector")
+PARTS = ("mistral", "siglip", "projector", "qformer")
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,8 @@
 """Machinery shared by the converters: key tables, tensor transforms, streaming safetensors in and out.
 
 A converter is one table of `Rule(hf_key, our_path, transform)`; the same table serves both directions.
-`{i}` in a rule marks a per-layer key stacked into the leading (layers) axis of our parameter.
+`{i}` in a rule marks a per-layer key stacked into the leading (layers) axis of our parameter; slice i of that
+axis is HF layer `stride * i + offset` (1 and 0 unless layers alike only every few are stacked together).
 
 Import streams: every parameter is built with `jax.make_array_from_callback`, whose callback reads, per device
 shard, only the tensors that shard needs, straight from the memory-mapped files. Host memory stays at about one
@@ -103,10 +104,16 @@ class Rule:
     hf: str  # e.g. "model.layers.{i}.self_attn.q_proj.weight"
     ours: str  # "/"-joined path in our nnx state, e.g. "layers/q/kernel"
     transform: Copy | Linear | Conv | Flat = COPY
+    stride: int = 1  # slice i of our layers axis is HF layer stride * i + offset
+    offset: int = 0
 
     @property
     def stacked(self) -> bool:
         return "{i}" in self.hf
+
+    def key(self, i: int) -> str:
+        """The HF key of slice i of our stacked parameter."""
+        return self.hf.format(i=self.stride * i + self.offset)
 
 
 def with_prefix(rules: Iterable[Rule], prefix: str) -> tuple[Rule, ...]:
@@ -204,7 +211,7 @@ def flat_vars(state) -> dict[str, nnx.Variable]:
 def _expand(rule: Rule, num_layers: int | None) -> list[str]:
     if not rule.stacked:
         return [rule.hf]
-    return [rule.hf.format(i=i) for i in range(num_layers)]
+    return [rule.key(i) for i in range(num_layers)]
 
 
 def plan(rules: Iterable[Rule], abstract_state, reader_keys: Iterable[str] | None = None,
@@ -263,7 +270,7 @@ def load_state(reader: TensorReader, rules: Sequence[Rule], abstract_model: nnx.
             if not rule.stacked:
                 return rule.transform.to_ours(reader.get(rule.hf), layer_shape).astype(dtype)[index]
             layers = range(shape[0])[index[0]]
-            return np.stack([rule.transform.to_ours(reader.get(rule.hf.format(i=i)), layer_shape).astype(dtype)
+            return np.stack([rule.transform.to_ours(reader.get(rule.key(i)), layer_shape).astype(dtype)
                              [index[1:]] for i in layers])
 
         values[path] = jax.make_array_from_callback(shape, flat_sh[path], fetch)
@@ -286,7 +293,7 @@ def hf_tensors(module: nnx.Module, rules: Sequence[Rule], dtype=None):
         hf_shape = rule.transform.hf_shape(layer_shape)
         if rule.stacked:
             for i in range(shape[0]):
-                yield rule.hf.format(i=i), np.ascontiguousarray(rule.transform.to_hf(a[i], hf_shape))
+                yield rule.key(i), np.ascontiguousarray(rule.transform.to_hf(a[i], hf_shape))
         else:
             yield rule.hf, np.ascontiguousarray(rule.transform.to_hf(a, hf_shape))
 

@@ -8,6 +8,7 @@ import importlib
 
 REGISTRY = {
     "mistral": ("genllava_jax.models.mistral", "MistralConfig", "Mistral"),
+    "qformer": ("genllava_jax.models.qformer", "QFormerHeadConfig", "QFormerHead"),
     "siglip": ("genllava_jax.models.siglip", "SiglipVisionConfig", "SiglipVision"),
     "projector": ("genllava_jax.models.projector", "ProjectorConfig", "Projector"),
 }

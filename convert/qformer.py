@@ -1,0 +1,107 @@
+"""Q-former: `transformers.Blip2QFormerModel` folders, full BLIP-2 checkpoints and our generation head.
+
+    python -m convert qformer --from-hf HF_DIR --out OUR_DIR     # a BLIP-2 checkpoint or our export -> the head
+    python -m convert qformer --to-hf OUR_DIR --out HF_DIR       # the head -> config.json + safetensors
+
+Layouts:
+- a `Blip2QFormerModel` folder (`model_type: blip_2_qformer`): keys `layernorm.*`, `encoder.layer.N.*` <-> `QFormer`;
+- a full BLIP-2 checkpoint (config with `qformer_config`): `qformer.*` + `query_tokens` <-> `QFormerHead`; the vision
+  tower, language model and projection keys are ignored. Our head is exported in this layout with its own linears
+  under `gen_head.` (`gen_head.in_proj.*`, `gen_head.out_proj.*`) and a `gen_head` entry in config.json.
+The query-only forward never uses the text feed-forward (`encoder.layer.N.intermediate.*` / `output.*` of
+`use_qformer_text_input` checkpoints), so those keys are ignored on import and not written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from flax import nnx
+
+from convert.common import COPY, FLAT, LINEAR, Linear, Rule, TensorReader, atomic_dir, hf_tensors, load_state, \
+    write_safetensors
+from genllava_jax.models.qformer import QFormer, QFormerConfig, QFormerHead, QFormerHeadConfig
+
+_ATTN = (("attention.query", "q", LINEAR), ("attention.key", "k", LINEAR), ("attention.value", "v", LINEAR),
+         ("output.dense", "o", Linear(n_in=2)))
+
+
+def _linear(hf: str, ours: str, transform, **kw) -> tuple[Rule, Rule]:
+    return Rule(f"{hf}.weight", f"{ours}/kernel", transform, **kw), Rule(f"{hf}.bias", f"{ours}/bias", FLAT, **kw)
+
+
+def _norm(hf: str, ours: str, **kw) -> tuple[Rule, Rule]:
+    return Rule(f"{hf}.weight", f"{ours}/scale", COPY, **kw), Rule(f"{hf}.bias", f"{ours}/bias", COPY, **kw)
+
+
+def qformer_rules(cfg: QFormerConfig, prefix: str = "", ours: str = "") -> tuple[Rule, ...]:
+    """The Q-former's table; `prefix` is the HF key prefix ("qformer." in full BLIP-2), `ours` our path prefix.
+
+    Our stacked group i holds HF layers f*i .. f*i+f-1 (f = cross_attention_frequency, the group's first layer is
+    the one with cross-attention): slice i of the group's layer j is HF layer f*i + j.
+    """
+    f = cfg.cross_attention_frequency
+    rules = [*_norm(f"{prefix}layernorm", f"{ours}norm")]
+    for j in range(f):
+        hf, us, kw = f"{prefix}encoder.layer.{{i}}.", f"{ours}groups/layers/{j}/", dict(stride=f, offset=j)
+        for block, name in (("attention", "self_attn"), ("crossattention", "cross_attn"))[:2 if j == 0 else 1]:
+            for hf_name, our_name, transform in _ATTN:
+                rules += _linear(f"{hf}{block}.{hf_name}", f"{us}{name}/{our_name}", transform, **kw)
+            rules += _norm(f"{hf}{block}.output.LayerNorm", f"{us}{name}/norm", **kw)
+        rules += _linear(f"{hf}intermediate_query.dense", f"{us}fc1", LINEAR, **kw)
+        rules += _linear(f"{hf}output_query.dense", f"{us}fc2", LINEAR, **kw)
+        rules += _norm(f"{hf}output_query.LayerNorm", f"{us}mlp_norm", **kw)
+    return tuple(rules)
+
+
+def head_rules(cfg: QFormerHeadConfig) -> tuple[Rule, ...]:
+    rules = [Rule("query_tokens", "query_tokens", COPY), *qformer_rules(cfg, "qformer.", "qformer/")]
+    if cfg.llm_hidden_size != cfg.encoder_hidden_size:
+        rules += _linear("gen_head.in_proj", "in_proj", LINEAR)
+    if cfg.out_dim is not None:
+        rules += _linear("gen_head.out_proj", "out_proj", LINEAR)
+    return tuple(rules)
+
+
+_TEXT_FFN = re.compile(r"encoder\.layer\.\d+\.(intermediate|output)\.")
+
+
+def _ignore_bare(key: str) -> bool:
+    return bool(_TEXT_FFN.search(key))
+
+
+def _ignore_full(key: str) -> bool:
+    """Everything of a full BLIP-2 checkpoint outside the Q-former and its query tokens, and the text FFN."""
+    ours = key == "query_tokens" or key.startswith(("qformer.", "gen_head."))
+    return not ours or _ignore_bare(key)
+
+
+def from_hf(path, mesh=None, **overrides) -> QFormer | QFormerHead:
+    """A `Blip2QFormerModel` folder gives a `QFormer`; a full BLIP-2 checkpoint or our export a `QFormerHead`
+    (a BLIP-2 checkpoint has no input or output linear unless `overrides` ask for them, which it must then hold).
+    `overrides` set config fields (dtype, remat, ...)."""
+    path = Path(path)
+    hf = json.loads((path / "config.json").read_text())
+    if "qformer_config" in hf:
+        cfg = QFormerHeadConfig.from_hf(hf, **overrides)
+        model_cls, rules, ignore = QFormerHead, head_rules(cfg), _ignore_full
+    else:
+        cfg = QFormerConfig.from_hf(hf, **overrides)
+        model_cls, rules, ignore = QFormer, qformer_rules(cfg), _ignore_bare
+    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+    return load_state(TensorReader(path), rules, abstract, mesh, ignore=ignore)
+
+
+def to_hf(model: QFormer | QFormerHead, path, *, dtype=None, max_shard_bytes: int = 5 * 2**30,
+          overwrite: bool = False) -> None:
+    """A `QFormer` becomes a folder `Blip2QFormerModel.from_pretrained` loads strictly; a `QFormerHead` the full
+    BLIP-2 layout (`qformer.*`, `query_tokens`, `gen_head.*`)."""
+    rules = head_rules(model.cfg) if isinstance(model, QFormerHead) else qformer_rules(model.cfg)
+    with atomic_dir(path, overwrite) as tmp:
+        hf_cfg = model.cfg.to_hf()
+        if dtype is not None:
+            (hf_cfg.get("qformer_config") or hf_cfg)["torch_dtype"] = str(dtype)
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        write_safetensors(hf_tensors(model, rules, dtype), tmp, max_shard_bytes=max_shard_bytes)
