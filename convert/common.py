@@ -134,16 +134,20 @@ def find_prefix(keys: Iterable[str], anchor: str) -> str:
 
 
 class TensorReader:
-    """Keys, shapes and lazy tensors of a folder with `model.safetensors`, a sharded index, or a `.bin` file."""
+    """Keys, shapes and lazy tensors of a folder with `model.safetensors`, a sharded index, or a `.bin` file.
 
-    def __init__(self, folder: str | os.PathLike, prefix: str = "model"):
+    `prefix` names the files (diffusers: "diffusion_pytorch_model"); `rename` maps the checkpoint's keys to the
+    names the rules use (e.g. legacy names to current ones).
+    """
+
+    def __init__(self, folder: str | os.PathLike, prefix: str = "model", rename: Callable[[str], str] | None = None):
         self.folder = Path(folder)
         self._files: dict[str, Path] = {}
         self._open: dict[Path, object] = {}
         self._torch: dict[str, object] | None = None
         index = self.folder / f"{prefix}.safetensors.index.json"
         single = self.folder / f"{prefix}.safetensors"
-        binary = self.folder / f"{prefix.replace('model', 'pytorch_model')}.bin"
+        binary = self.folder / ("pytorch_model.bin" if prefix == "model" else f"{prefix}.bin")
         if index.exists():
             for key, fname in json.loads(index.read_text())["weight_map"].items():
                 self._files[key] = self.folder / fname
@@ -156,6 +160,8 @@ class TensorReader:
             self._files = {k: binary for k in self._torch}
         else:
             raise ConversionError(f"{self.folder}: no {single.name}, {index.name} or {binary.name} found")
+        self._source = {(rename or str)(k): k for k in self._files}  # our name -> the checkpoint's
+        self._files = {k: self._files[src] for k, src in self._source.items()}
 
     def _handle(self, path: Path):
         if path not in self._open:
@@ -177,22 +183,24 @@ class TensorReader:
 
     def info(self, key: str) -> tuple[tuple[int, ...], bool]:
         """(shape, is floating point) from the header, without reading the data."""
+        src = self._source[key]
         if self._torch is not None:
-            t = self._torch[key]
+            t = self._torch[src]
             return tuple(t.shape), t.is_floating_point()
-        sl = self._handle(self._files[key]).get_slice(key)
+        sl = self._handle(self._files[key]).get_slice(src)
         return tuple(sl.get_shape()), sl.get_dtype() in ("F16", "BF16", "F32", "F64")
 
     def get(self, key: str) -> np.ndarray:
+        src = self._source[key]
         if self._torch is not None:
-            t = self._torch[key]
+            t = self._torch[src]
             if str(t.dtype) == "torch.bfloat16":
                 import ml_dtypes
 
                 return t.view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
             return t.numpy()
         try:
-            return self._handle(self._files[key]).get_tensor(key)
+            return self._handle(self._files[key]).get_tensor(src)
         except ConversionError:
             raise
         except Exception as e:
