@@ -8,6 +8,8 @@ import importlib
 
 REGISTRY = {
     "mistral": ("genllava_jax.models.mistral", "MistralConfig", "Mistral"),
+    "unet": ("genllava_jax.models.unet", "UNetConfig", "UNet"),
+    "vae": ("genllava_jax.models.vae", "VAEConfig", "AutoencoderKL"),
     "qformer": ("genllava_jax.models.qformer", "QFormerHeadConfig", "QFormerHead"),
     "siglip": ("genllava_jax.models.siglip", "SiglipVisionConfig", "SiglipVision"),
     "projector": ("genllava_jax.models.projector", "ProjectorConfig", "Projector"),
