@@ -154,8 +154,9 @@ def sample_loop(model_fn: Callable, sampler: Sampler, num_steps: int, noise: jax
     `model_fn(x_scaled, t) -> model output` with a scalar timestep t. Returns the final latents, or with
     `trajectory` the latents after every step stacked on a leading axis. Traceable: call it under `jax.jit`.
     """
-    tables = {k: jnp.asarray(v) for k, v in sampler.tables(num_steps).items()}
-    x = noise * jnp.float32(sampler.init_noise_sigma(sampler.tables(num_steps)))
+    np_tables = sampler.tables(num_steps)
+    tables = {k: jnp.asarray(v) for k, v in np_tables.items()}
+    x = noise * jnp.float32(sampler.init_noise_sigma(np_tables))
 
     def body(x, i):
         out = model_fn(sampler.scale_input(tables, i, x), tables["t"][i])

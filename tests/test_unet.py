@@ -21,7 +21,8 @@ from genllava_jax.models.unet import widen_conv_in
 from oracle import assert_close
 
 BASE = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 CONFIGS = {
     # SD 1.x: conv proj_in/out, one head count for every block
     "sd1": dict(cross_attention_dim=24, attention_head_dim=4),
