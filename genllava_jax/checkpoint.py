@@ -49,3 +49,38 @@ def load_module(path, mesh=None, rules=None, **overrides) -> nnx.Module:
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(Path(path).absolute() / "params", target)
     return nnx.merge(graphdef, params, rest)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training checkpoints: train state + frozen params + data iterator, with orbax's CheckpointManager.
+
+
+def train_manager(directory, save_every: int, keep: int) -> ocp.CheckpointManager:
+    """Async saves every `save_every` steps, the newest `keep` kept; every host joins (orbax coordinates them)."""
+    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
+                                           enable_async_checkpointing=True, create=True)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def save_train(mngr: ocp.CheckpointManager, step: int, state, frozen, data_iter, force: bool = False) -> bool:
+    import grain
+
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), frozen=ocp.args.StandardSave(frozen),
+                              data=grain.checkpoint.CheckpointSave(data_iter))
+    return mngr.save(step, args=args, force=force)
+
+
+def restore_train(mngr: ocp.CheckpointManager, step: int, state_target, frozen_target, data_iter):
+    """(state, frozen) restored into the given abstract targets (shapes + shardings); the iterator in place."""
+    import grain
+
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(state_target),
+                              frozen=ocp.args.StandardRestore(frozen_target),
+                              data=grain.checkpoint.CheckpointRestore(data_iter))
+    out = mngr.restore(step, args=args)
+    return out["state"], out["frozen"]
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs carrying the shardings of a (possibly donated-later) pytree of arrays."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

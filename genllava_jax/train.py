@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -84,6 +85,20 @@ def _opt_shardings(abs_opt, abs_params, param_shardings, mesh):
     return jax.tree.map(one, abs_opt, is_leaf=lambda x: jax.tree.structure(x) == pdef)
 
 
+def init_state(params, *, tx, seed: int):
+    return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.PRNGKey(seed)}
+
+
+def state_shardings(params, tx, mesh):
+    """Shardings of the train state: params by the rules, optimizer moments like their params, scalars replicated."""
+    param_sh = shd.state_shardings(params, mesh)
+    abs_opt = jax.eval_shape(tx.init, params)
+    replicated = NamedSharding(mesh, P())
+    return {"params": param_sh, "opt": _opt_shardings(abs_opt, params, param_sh, mesh), "step": replicated,
+            "rng": replicated}
+
+
 def setup(model: nnx.Module, tc, mesh, seed: int = 0):
     """Splits an (already sharded) model into the donated train state and the frozen rest."""
     trainable = trainable_filter(tc.trainable)
@@ -91,13 +106,8 @@ def setup(model: nnx.Module, tc, mesh, seed: int = 0):
     if not jax.tree.leaves(params):
         raise ValueError(f"train.trainable={list(tc.trainable)} matches no parameter")
     tx, schedule = make_optimizer(tc)
-    param_sh = shd.state_shardings(params, mesh)
-    abs_opt = jax.eval_shape(tx.init, params)
-    replicated = NamedSharding(mesh, P())
-    state_sh = {"params": param_sh, "opt": _opt_shardings(abs_opt, params, param_sh, mesh),
-                "step": replicated, "rng": replicated}
-    state = jax.jit(lambda p: {"params": p, "opt": tx.init(p), "step": jnp.zeros((), jnp.int32),
-                               "rng": jax.random.PRNGKey(seed)}, out_shardings=state_sh)(params)
+    state_sh = state_shardings(params, tx, mesh)
+    state = jax.jit(functools.partial(init_state, tx=tx, seed=seed), out_shardings=state_sh)(params)
 
     def batch_sharding(batch):
         return jax.tree.map(lambda x: NamedSharding(mesh, shd.logical_to_spec(
@@ -171,3 +181,179 @@ def jit_eval_step(s: Setup):
 
 def merged_model(state, s: Setup) -> nnx.Module:
     return nnx.merge(s.graphdef, state["params"], s.frozen, s.rest)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building the model from a config file
+
+
+def model_config(c, tokenizer):
+    """GenLLaVAConfig from the config file's `model` section, with the tokenizer's vocabulary and special ids."""
+    from genllava_jax.data.tokenizer import SpecialIds
+    from genllava_jax.models.genllava import GenLLaVAConfig
+
+    ids = SpecialIds.of(tokenizer, c.data.num_img_tokens)
+    d = c.model.to_dict()
+    d["llm"] = {**d["llm"], "vocab_size": max(d["llm"].get("vocab_size") or 0, len(tokenizer)),
+                "bos_token_id": ids.bos, "eos_token_id": ids.eos, "pad_token_id": ids.pad}
+    cfg = GenLLaVAConfig.from_dict({**d, "image_token_id": ids.image, "img_token_ids": ids.img})
+    if cfg.num_patches != c.data.num_patches:
+        raise ValueError(f"data.num_patches={c.data.num_patches} but the vision tower gives {cfg.num_patches} "
+                         f"patches ((image_size / patch_size) ** 2): set data.num_patches={cfg.num_patches}")
+    if cfg.vision.image_size != c.data.image_size:
+        raise ValueError(f"data.image_size={c.data.image_size} != model.vision.image_size={cfg.vision.image_size}")
+    return cfg
+
+
+def init_parts(model, init_cfg, mesh) -> None:
+    """Overwrites parts of `model` with our-format checkpoints named in config `init` (part -> path)."""
+    from genllava_jax import checkpoint
+
+    for part, path in init_cfg.items():
+        if not path:
+            continue
+        if not hasattr(model, part):
+            raise ValueError(f"init.{part}: the model has no part {part!r}")
+        loaded = checkpoint.load_module(path, mesh)
+        target = dict(nnx.to_flat_state(nnx.state(getattr(model, part), nnx.Param)))
+        new = nnx.state(loaded, nnx.Param)
+        flat = dict(nnx.to_flat_state(new))
+        if target.keys() != flat.keys():
+            raise ValueError(f"init.{part}={path}: parameters differ from the model's part; missing "
+                             f"{sorted(map(str, target.keys() - flat.keys()))[:5]}, unexpected "
+                             f"{sorted(map(str, flat.keys() - target.keys()))[:5]}")
+        for p, a in target.items():
+            if a.get_value().shape != flat[p].get_value().shape:
+                raise ValueError(f"init.{part}={path}: parameter {'/'.join(map(str, p))} has shape "
+                                 f"{flat[p].get_value().shape}, the model needs {a.get_value().shape}")
+        nnx.update(getattr(model, part), new)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def build(c, mesh=None):
+    """(model config, sharded model with `init` parts loaded, tokenizer, mesh) from a config file's ConfigDict."""
+    from genllava_jax.data.tokenizer import load_tokenizer
+    from genllava_jax.models.genllava import GenLLaVA
+
+    tokenizer = load_tokenizer(c.data.tokenizer, c.data.num_img_tokens)
+    cfg = model_config(c, tokenizer)
+    mesh = shd.make_mesh(dict(c.mesh)) if mesh is None else mesh
+    model = shd.create_sharded(lambda: GenLLaVA(cfg, rngs=nnx.Rngs(c.seed)), mesh)
+    init_parts(model, c.get("init", {}), mesh)
+    return cfg, model, tokenizer, mesh
+
+
+def run(c, workdir, *, mesh=None, stop_after: int | None = None) -> dict:
+    """Trains for `c.train.steps` (resuming from the newest checkpoint in workdir); returns the last metrics.
+
+    `stop_after` ends the loop early after that many steps of this call (tests use it to simulate a crash).
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from genllava_jax import checkpoint
+    from genllava_jax.data.pipeline import make_dataset
+    from genllava_jax.metrics import MetricWriter
+
+    workdir = Path(workdir)
+    tc = c.train
+    if tc.batch_size % (tc.accum * jax.process_count()):
+        raise ValueError(f"train.batch_size={tc.batch_size} must divide by train.accum={tc.accum} × "
+                         f"{jax.process_count()} processes")
+    cfg, model, tokenizer, mesh = build(c, mesh)
+    state, s = setup(model, tc, mesh, c.seed)
+    del model
+    data, info = make_dataset(c.data, tokenizer, global_batch=tc.batch_size, seed=c.seed)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+        (workdir / "model_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    mngr = checkpoint.train_manager(workdir / "checkpoints", tc.checkpoint_every, tc.keep_checkpoints)
+    if mngr.latest_step() is not None:
+        state, s.frozen = checkpoint.restore_train(mngr, mngr.latest_step(), checkpoint.abstract_like(state),
+                                                   checkpoint.abstract_like(s.frozen), data)
+        print(f"resumed from step {int(state['step'])} ({workdir / 'checkpoints'})", flush=True)
+    step_fn = jit_train_step(s, tc.accum)
+    writer = MetricWriter(workdir)
+    start = int(state["step"])
+    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+    skipped_total, row, t_last, acc = 0, {}, time.time(), None
+    with jax.set_mesh(mesh):
+        for step in tqdm(range(start, end), initial=start, total=tc.steps, desc="train",
+                         disable=jax.process_index() != 0):
+            batch = to_global(next(data), s)
+            state, metrics = step_fn(state, s.frozen, batch)
+            acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+            done = step + 1
+            if done % tc.log_every == 0 or done == end:
+                host = jax.device_get(acc)
+                count = (done - 1) % tc.log_every + 1
+                dt = time.time() - t_last
+                avg = {k: float(v) / count for k, v in host.items() if k not in ("tokens", "images", "skipped")}
+                skipped_total += int(host["skipped"])
+                row = writer.write(done, {**avg, "skipped_steps": skipped_total,
+                                          "tokens_per_s": float(host["tokens"]) / dt,
+                                          "images_per_s": float(host["images"]) / dt,
+                                          **{f"data_skipped/{k}": v for k, v in info.skipped.items()}})
+                if skipped_total > tc.max_skipped_steps:
+                    raise FloatingPointError(f"{skipped_total} steps had a non-finite loss or gradient (limit "
+                                             f"train.max_skipped_steps={tc.max_skipped_steps}); stopping before "
+                                             f"anything non-finite is written")
+                acc, t_last = None, time.time()
+            checkpoint.save_train(mngr, done, state, s.frozen, data, force=done == tc.steps)
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    return row
+
+
+def load_trained(workdir, mesh=None):
+    """(GenLLaVA with the newest checkpoint's weights, GenLLaVAConfig) from a training workdir."""
+    import json
+    from pathlib import Path
+
+    from genllava_jax import checkpoint
+    from genllava_jax.models.genllava import GenLLaVA, GenLLaVAConfig
+
+    workdir = Path(workdir)
+    cfg = GenLLaVAConfig.from_dict(json.loads((workdir / "model_config.json").read_text()))
+    mesh = shd.make_mesh({"data": 1}, jax.local_devices()[:1]) if mesh is None else mesh
+    abstract = nnx.eval_shape(lambda: GenLLaVA(cfg, rngs=nnx.Rngs(0)))
+    c = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    graphdef, params, frozen, rest = nnx.split(abstract, trainable_filter(c.train.trainable), nnx.Param, ...)
+    tx, _ = make_optimizer(c.train)
+    abs_state = jax.eval_shape(functools.partial(init_state, tx=tx, seed=0), params)
+    with_sh = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+    mngr = checkpoint.ocp.CheckpointManager((workdir / "checkpoints").absolute())
+    step = mngr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint")
+    args = checkpoint.ocp.args.Composite(
+        state=checkpoint.ocp.args.StandardRestore(with_sh(abs_state, state_shardings(params, tx, mesh))),
+        frozen=checkpoint.ocp.args.StandardRestore(with_sh(frozen, shd.state_shardings(frozen, mesh))))
+    out = mngr.restore(step, args=args)
+    mngr.close()
+    return nnx.merge(graphdef, out["state"]["params"], out["frozen"], rest), cfg
+
+
+def main(argv):
+    from absl import flags
+
+    del argv
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+    flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, TensorBoard")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

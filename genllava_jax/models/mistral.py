@@ -193,16 +193,18 @@ def sample_token(logits_BV, rng, temperature: float, top_p: float = 1.0):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "eos_id",
-                                             "pad_id"))
-def _generate(graphdef, state, input_ids, attention_mask, rng, *, max_new_tokens, temperature, top_p, eos_id,
-              pad_id):
-    model = nnx.merge(graphdef, state)
-    B, T = input_ids.shape
+def decode(model: Mistral, attention_mask, rng, *, input_ids=None, inputs_embeds=None, max_new_tokens: int,
+           temperature: float = 0.0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0):
+    """Traceable prefill + `max_new_tokens` one-token cached steps after left-padded prompts (ids or embeddings).
+
+    Returns the new tokens (B, max_new_tokens); rows that emitted `eos_id` continue with `pad_id`.
+    """
+    prompt = input_ids if inputs_embeds is None else inputs_embeds
+    B, T = prompt.shape[:2]
     lengths = attention_mask.sum(-1).astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(attention_mask, -1) - 1, 0).astype(jnp.int32)
-    hidden, cache = model.hidden(input_ids, attention_mask=attention_mask, positions=positions,
-                                 cache=model.init_cache(B, T + max_new_tokens))
+    hidden, cache = model.hidden(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                 positions=positions, cache=model.init_cache(B, T + max_new_tokens))
     logits = model.logits(hidden[:, -1])
 
     def step(i, carry):
@@ -217,6 +219,12 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, *, max_new_tokens
 
     init = (jnp.full((B, max_new_tokens), pad_id, jnp.int32), logits, cache, jnp.zeros((B,), bool), rng)
     return jax.lax.fori_loop(0, max_new_tokens, step, init)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "eos_id",
+                                             "pad_id"))
+def _generate(graphdef, state, input_ids, attention_mask, rng, **kw):
+    return decode(nnx.merge(graphdef, state), attention_mask, rng, input_ids=input_ids, **kw)
 
 
 def generate(model: Mistral, input_ids, attention_mask=None, *, max_new_tokens: int, rng=None,

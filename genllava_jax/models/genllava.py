@@ -1,0 +1,175 @@
+"""GenLLaVA: SigLIP -> projector -> Mistral -> [IMG] states -> Q-former head -> Stable Diffusion (DESIGN.md §1).
+
+`<image>` placeholders in the token sequence (the data pipeline writes exactly `num_patches` of them) are replaced by
+the projected patch features; the LLM's last hidden states at `[IMG0..N-1]` plus those tokens' input embeddings go
+through the Q-former head to the UNet's conditioning. The loss is CE on the labelled tokens + λ_gen · MSE(ε̂, ε).
+Editing: `semantic` regenerates the target from the conditioning alone (frozen SD); `latent_concat` gives the UNet
+8 input channels, the source image's latents concatenated (InstructPix2Pix / MGIE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from genllava_jax import diffusion
+from genllava_jax.layers import param
+from genllava_jax.models.mistral import Mistral, MistralConfig
+from genllava_jax.models.projector import Projector, ProjectorConfig
+from genllava_jax.models.qformer import QFormerHead, QFormerHeadConfig
+from genllava_jax.models.siglip import SiglipVision, SiglipVisionConfig
+from genllava_jax.models.unet import UNet, UNetConfig
+from genllava_jax.models.vae import AutoencoderKL, VAEConfig
+
+PARTS = {"vision": SiglipVisionConfig, "projector": ProjectorConfig, "llm": MistralConfig,
+         "head": QFormerHeadConfig, "unet": UNetConfig, "vae": VAEConfig, "schedule": diffusion.NoiseSchedule}
+IGNORE = -100  # label of untrained positions
+
+
+@dataclasses.dataclass(frozen=True)
+class GenLLaVAConfig:
+    vision: SiglipVisionConfig
+    projector: ProjectorConfig
+    llm: MistralConfig
+    head: QFormerHeadConfig
+    unet: UNetConfig
+    vae: VAEConfig
+    image_token_id: int
+    img_token_ids: tuple[int, ...]  # [IMG0..N-1]
+    schedule: diffusion.NoiseSchedule = diffusion.NoiseSchedule()
+    edit_mode: str = "semantic"  # or "latent_concat"
+    cond_drop_prob: float = 0.1  # classifier-free guidance: the learned null conditioning replaces it
+    lambda_gen: float = 1.0
+    # rows of a batch that run the diffusion branch (those with a target image first); 0: all rows. Fixed shapes
+    # either way; fewer rows skip UNet/VAE work on understanding and text rows.
+    diffusion_rows: int = 0
+
+    def __post_init__(self):
+        if self.edit_mode not in ("semantic", "latent_concat"):
+            raise ValueError(f"edit_mode={self.edit_mode!r}: choose 'semantic' or 'latent_concat'")
+        want_in = self.vae.latent_channels * (2 if self.edit_mode == "latent_concat" else 1)
+        checks = [
+            (self.projector.vision_size == self.vision.hidden_size, "projector.vision_size != vision.hidden_size"),
+            (self.projector.text_size == self.llm.hidden_size, "projector.text_size != llm.hidden_size"),
+            (self.head.llm_hidden_size == self.llm.hidden_size, "head.llm_hidden_size != llm.hidden_size"),
+            (self.head.out_dim == self.unet.cross_attention_dim, "head.out_dim != unet.cross_attention_dim"),
+            (self.unet.in_channels == want_in, f"unet.in_channels must be {want_in} for edit_mode={self.edit_mode}"),
+            (self.unet.out_channels == self.vae.latent_channels, "unet.out_channels != vae.latent_channels"),
+        ]
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise ValueError("inconsistent GenLLaVA config: " + "; ".join(bad))
+
+    @property
+    def num_patches(self) -> int:
+        return self.vision.grid ** 2
+
+    def replace(self, **kw) -> "GenLLaVAConfig":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GenLLaVAConfig":
+        """From `dataclasses.asdict` output or a (nested) ConfigDict's `to_dict()`."""
+        d = dict(d)
+        for name, sub in PARTS.items():
+            if name in d and isinstance(d[name], dict):
+                d[name] = sub(**d[name])
+        d["img_token_ids"] = tuple(d["img_token_ids"])
+        return cls(**d)
+
+
+class GenLLaVA(nnx.Module):
+    def __init__(self, cfg: GenLLaVAConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.vision = SiglipVision(cfg.vision, rngs=rngs)
+        self.projector = Projector(cfg.projector, rngs=rngs)
+        self.llm = Mistral(cfg.llm, rngs=rngs)
+        self.head = QFormerHead(cfg.head, rngs=rngs)
+        self.unet = UNet(cfg.unet, rngs=rngs)
+        self.vae = AutoencoderKL(cfg.vae, rngs=rngs)
+        # learned unconditional context; converters overwrite it with CLIP("") when SD has a text encoder
+        self.null_cond = param(rngs, nnx.initializers.normal(0.02), (cfg.head.num_query_tokens, cfg.head.out_dim),
+                               (None, "embed"), jnp.dtype(cfg.head.param_dtype))
+
+    # -- understanding -----------------------------------------------------------------------------------------
+
+    def embed_inputs(self, input_ids_BT, image_BHWC, has_image_B):
+        """Token embeddings with the k-th `<image>` position of a row replaced by its k-th projected patch."""
+        tok_BTD = self.llm.embed(input_ids_BT)
+        patches_BPD = self.projector(self.vision(image_BHWC).features)
+        is_img_BT = (input_ids_BT == self.cfg.image_token_id) & has_image_B[:, None]
+        idx_BT = jnp.clip(jnp.cumsum(is_img_BT, axis=1) - 1, 0, patches_BPD.shape[1] - 1)
+        spliced_BTD = jnp.take_along_axis(patches_BPD, idx_BT[..., None], axis=1).astype(tok_BTD.dtype)
+        return jnp.where(is_img_BT[..., None], spliced_BTD, tok_BTD)
+
+    # -- generation --------------------------------------------------------------------------------------------
+
+    def img_states(self, input_ids_BT, hidden_BTD, embeds_BTD):
+        """(hidden, input embeddings) at [IMG0..N-1], each (B, N, D), and whether a row has all of them."""
+        ids_N = jnp.asarray(self.cfg.img_token_ids)
+        hit_BNT = input_ids_BT[:, None, :] == ids_N[None, :, None]
+        pos_BN = jnp.argmax(hit_BNT, axis=-1)
+        found_B = hit_BNT.any(-1).all(-1)
+        take = lambda x: jnp.take_along_axis(x, pos_BN[..., None], axis=1)
+        return take(hidden_BTD), take(embeds_BTD), found_B
+
+    def condition(self, input_ids_BT, attention_mask_BT, image_BHWC, has_image_B):
+        """The UNet conditioning (B, Q, C) from a sequence that contains [IMG0..N-1] (teacher-forced)."""
+        embeds = self.embed_inputs(input_ids_BT, image_BHWC, has_image_B)
+        hidden = self.llm.hidden(inputs_embeds=embeds, attention_mask=attention_mask_BT)[0]
+        h, e, _ = self.img_states(input_ids_BT, hidden, embeds)
+        return self.head(h, e)
+
+    def unet_input(self, noisy_BHWC, source_latents_BHWC=None):
+        if self.cfg.edit_mode == "latent_concat":
+            src = jnp.zeros_like(noisy_BHWC) if source_latents_BHWC is None else source_latents_BHWC
+            return jnp.concatenate([noisy_BHWC, src.astype(noisy_BHWC.dtype)], axis=-1)
+        return noisy_BHWC
+
+    # -- training ----------------------------------------------------------------------------------------------
+
+    def loss(self, batch: dict, rng: jax.Array):
+        """CE on labelled tokens + λ_gen · MSE(ε̂, ε) on rows with a target image; returns (loss, metrics)."""
+        cfg = self.cfg
+        ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+        embeds = self.embed_inputs(ids, batch["image"], batch["has_image"])
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask)
+        tgt = labels[:, 1:]
+        trained = tgt != IGNORE
+        ce_tok = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1].astype(jnp.float32),
+                                                                 jnp.where(trained, tgt, 0))
+        n_tok = trained.sum()
+        ce = (ce_tok * trained).sum() / jnp.maximum(n_tok, 1)
+        acc = ((out.logits[:, :-1].argmax(-1) == tgt) & trained).sum() / jnp.maximum(n_tok, 1)
+
+        r_noise, r_t, r_drop, r_vae = jax.random.split(rng, 4)
+        h, e, found = self.img_states(ids, out.hidden, embeds)
+        has = batch["has_target"] & found
+        target_image, source_image = batch["target_image"], batch["source_image"]
+        if cfg.diffusion_rows:
+            rows = jnp.argsort(~has, stable=True)[:cfg.diffusion_rows]
+            h, e, has, target_image, source_image = (x[rows] for x in (h, e, has, target_image, source_image))
+        B = h.shape[0]
+        cond = self.head(h, e)
+        drop = jax.random.bernoulli(r_drop, cfg.cond_drop_prob, (B,))
+        cond = jnp.where(drop[:, None, None], self.null_cond[...].astype(cond.dtype)[None], cond)
+        latents = jax.lax.stop_gradient(self.vae.latents(target_image, r_vae))
+        source = (jax.lax.stop_gradient(self.vae.latents(source_image))
+                  if cfg.edit_mode == "latent_concat" else None)
+        noise = jax.random.normal(r_noise, latents.shape, latents.dtype)
+        t = jax.random.randint(r_t, (B,), 0, cfg.schedule.num_train_timesteps)
+        noisy = diffusion.add_noise(cfg.schedule, latents, noise, t)
+        target = noise if cfg.schedule.prediction_type == "epsilon" else diffusion.velocity(cfg.schedule, latents,
+                                                                                             noise, t)
+        pred = self.unet(self.unet_input(noisy, source), t, cond)
+        mse_B = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=(1, 2, 3))
+        n_img = has.sum()
+        mse = (mse_B * has).sum() / jnp.maximum(n_img, 1)
+        loss = ce + cfg.lambda_gen * mse
+        return loss, {"ce": ce, "mse": mse, "token_accuracy": acc, "tokens": n_tok.astype(jnp.float32),
+                      "images": n_img.astype(jnp.float32)}

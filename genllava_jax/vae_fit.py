@@ -1,0 +1,64 @@
+"""Fits a small AutoencoderKL on a folder of images: the demo's stand-in for SD's pretrained VAE.
+
+Reconstruction MSE + a small KL weight on posterior samples; then `scaling_factor` = 1 / std of the latent means
+(as SD's 0.18215 was chosen), so the diffusion latents have unit variance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from PIL import Image
+from tqdm import tqdm
+
+from genllava_jax.models.vae import AutoencoderKL, VAEConfig
+
+
+def load_images(folder, size: int) -> np.ndarray:
+    """float32 (N, size, size, 3) in [-1, 1] from every PNG/JPEG in `folder` (sorted, so deterministic)."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .png/.jpg images")
+    out = [np.asarray(Image.open(f).convert("RGB").resize((size, size)), np.float32) / 127.5 - 1 for f in files]
+    return np.stack(out)
+
+
+def fit_vae(cfg: VAEConfig, images: np.ndarray, *, steps: int = 600, batch_size: int = 32, lr: float = 2e-3,
+            kl_weight: float = 1e-4, seed: int = 0) -> tuple[AutoencoderKL, dict]:
+    vae = AutoencoderKL(cfg, rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(vae)
+    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(50, steps // 4), steps, lr * 0.05), weight_decay=0.0)
+    opt = tx.init(params)
+
+    def loss_fn(params, x, rng):
+        model = nnx.merge(graphdef, params)
+        mean, logvar = model.encode(x)
+        recon = model.decode(model.sample(mean, logvar, rng))
+        kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
+        mse = jnp.mean(jnp.square(recon - x))
+        return mse + kl_weight * kl, mse
+
+    @jax.jit(donate_argnums=(0, 1))
+    def step(params, opt, x, rng):
+        (loss, mse), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, rng)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, mse
+
+    rng = np.random.RandomState(seed)
+    key = jax.random.key(seed)
+    for i in (bar := tqdm(range(steps), desc="fit VAE")):
+        x = images[rng.randint(0, len(images), batch_size)]
+        params, opt, mse = step(params, opt, jnp.asarray(x), jax.random.fold_in(key, i))
+        if i % 100 == 0 or i == steps - 1:
+            bar.set_postfix(mse=f"{float(mse):.4f}")
+    vae = nnx.merge(graphdef, params)
+    means = np.concatenate([np.asarray(jax.jit(lambda x: vae.encode(x)[0])(jnp.asarray(images[i:i + 64])))
+                            for i in range(0, len(images), 64)])
+    scale = float(1.0 / means.std())
+    vae.cfg = cfg.replace(scaling_factor=scale)
+    return vae, {"vae_mse": float(mse), "scaling_factor": scale}
