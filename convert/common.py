@@ -359,3 +359,11 @@ def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], folder: Path, p
     index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
     (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return names
+
+
+def export_hf(path, hf_config: dict, tensors: Iterable[tuple[str, np.ndarray]], *, prefix: str = "model",
+              max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
+    """config.json + safetensors shards (+ index) written into a temporary directory renamed to `path` at the end."""
+    with atomic_dir(path, overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        write_safetensors(tensors, tmp, prefix=prefix, max_shard_bytes=max_shard_bytes)

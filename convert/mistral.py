@@ -11,8 +11,7 @@ from pathlib import Path
 
 from flax import nnx
 
-from convert.common import COPY, LINEAR, Linear, Rule, TensorReader, atomic_dir, hf_tensors, load_state, \
-    write_safetensors
+from convert.common import COPY, LINEAR, Linear, Rule, TensorReader, export_hf, hf_tensors, load_state
 from genllava_jax.models.mistral import Mistral, MistralConfig
 
 L = "model.layers.{i}."
@@ -47,9 +46,7 @@ def from_hf(path, mesh=None, **overrides) -> Mistral:
 
 def to_hf(model: Mistral, path, *, dtype=None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
     """Writes a folder that `MistralForCausalLM.from_pretrained` loads with no missing or unexpected keys."""
-    with atomic_dir(path, overwrite) as tmp:
-        hf_cfg = model.cfg.to_hf()
-        if dtype is not None:
-            hf_cfg["torch_dtype"] = str(dtype)
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        write_safetensors(hf_tensors(model, RULES, dtype), tmp, max_shard_bytes=max_shard_bytes)
+    hf_cfg = model.cfg.to_hf()
+    if dtype is not None:
+        hf_cfg["torch_dtype"] = str(dtype)
+    export_hf(path, hf_cfg, hf_tensors(model, RULES, dtype), max_shard_bytes=max_shard_bytes, overwrite=overwrite)

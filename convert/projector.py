@@ -11,8 +11,7 @@ from pathlib import Path
 
 from flax import nnx
 
-from convert.common import COPY, LINEAR, Rule, TensorReader, atomic_dir, hf_tensors, load_state, with_prefix, \
-    write_safetensors
+from convert.common import COPY, LINEAR, Rule, TensorReader, export_hf, hf_tensors, load_state, with_prefix
 from genllava_jax.models.projector import Projector, ProjectorConfig
 
 PREFIX = "model.mm_projector."
@@ -33,9 +32,8 @@ def from_hf(path, mesh=None, *, prefix: str = PREFIX, **overrides) -> Projector:
 def to_hf(model: Projector, path, *, prefix: str = PREFIX, dtype=None, max_shard_bytes: int = 5 * 2**30,
           overwrite: bool = False) -> None:
     """Writes the projector's keys in LLaVA layout and a config.json with its LLaVA fields."""
-    with atomic_dir(path, overwrite) as tmp:
-        hf_cfg = model.cfg.to_hf()
-        if dtype is not None:
-            hf_cfg["torch_dtype"] = str(dtype)
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        write_safetensors(hf_tensors(model, with_prefix(RULES, prefix), dtype), tmp, max_shard_bytes=max_shard_bytes)
+    hf_cfg = model.cfg.to_hf()
+    if dtype is not None:
+        hf_cfg["torch_dtype"] = str(dtype)
+    export_hf(path, hf_cfg, hf_tensors(model, with_prefix(RULES, prefix), dtype), max_shard_bytes=max_shard_bytes,
+              overwrite=overwrite)

@@ -20,8 +20,7 @@ from pathlib import Path
 
 from flax import nnx
 
-from convert.common import COPY, FLAT, LINEAR, Linear, Rule, TensorReader, atomic_dir, hf_tensors, load_state, \
-    write_safetensors
+from convert.common import COPY, FLAT, LINEAR, Linear, Rule, TensorReader, export_hf, hf_tensors, load_state
 from genllava_jax.models.qformer import QFormer, QFormerConfig, QFormerHead, QFormerHeadConfig
 
 _ATTN = (("attention.query", "q", LINEAR), ("attention.key", "k", LINEAR), ("attention.value", "v", LINEAR),
@@ -99,9 +98,7 @@ def to_hf(model: QFormer | QFormerHead, path, *, dtype=None, max_shard_bytes: in
     """A `QFormer` becomes a folder `Blip2QFormerModel.from_pretrained` loads strictly; a `QFormerHead` the full
     BLIP-2 layout (`qformer.*`, `query_tokens`, `gen_head.*`)."""
     rules = head_rules(model.cfg) if isinstance(model, QFormerHead) else qformer_rules(model.cfg)
-    with atomic_dir(path, overwrite) as tmp:
-        hf_cfg = model.cfg.to_hf()
-        if dtype is not None:
-            (hf_cfg.get("qformer_config") or hf_cfg)["torch_dtype"] = str(dtype)
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        write_safetensors(hf_tensors(model, rules, dtype), tmp, max_shard_bytes=max_shard_bytes)
+    hf_cfg = model.cfg.to_hf()
+    if dtype is not None:
+        (hf_cfg.get("qformer_config") or hf_cfg)["torch_dtype"] = str(dtype)
+    export_hf(path, hf_cfg, hf_tensors(model, rules, dtype), max_shard_bytes=max_shard_bytes, overwrite=overwrite)

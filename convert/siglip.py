@@ -17,8 +17,8 @@ from pathlib import Path
 
 from flax import nnx
 
-from convert.common import CONV, COPY, FLAT, LINEAR, ConversionError, Linear, Rule, TensorReader, atomic_dir, \
-    find_prefix, hf_tensors, load_state, with_prefix, write_safetensors
+from convert.common import CONV, COPY, FLAT, LINEAR, ConversionError, Linear, Rule, TensorReader, export_hf, \
+    find_prefix, hf_tensors, load_state, with_prefix
 from genllava_jax.models.siglip import SiglipVision, SiglipVisionConfig
 
 ANCHOR = "embeddings.patch_embedding.weight"
@@ -78,9 +78,8 @@ def from_hf(path, mesh=None, *, prefix: str | None = None, hf_config: dict | Non
 def to_hf(model: SiglipVision, path, *, prefix: str = "", dtype=None, max_shard_bytes: int = 5 * 2**30,
           overwrite: bool = False) -> None:
     """Writes a folder that `SiglipVisionModel.from_pretrained` loads with no missing or unexpected keys."""
-    with atomic_dir(path, overwrite) as tmp:
-        hf_cfg = model.cfg.to_hf()
-        if dtype is not None:
-            hf_cfg["torch_dtype"] = str(dtype)
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        write_safetensors(hf_tensors(model, with_prefix(RULES, prefix), dtype), tmp, max_shard_bytes=max_shard_bytes)
+    hf_cfg = model.cfg.to_hf()
+    if dtype is not None:
+        hf_cfg["torch_dtype"] = str(dtype)
+    export_hf(path, hf_cfg, hf_tensors(model, with_prefix(RULES, prefix), dtype), max_shard_bytes=max_shard_bytes,
+              overwrite=overwrite)

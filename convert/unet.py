@@ -14,8 +14,7 @@ from pathlib import Path
 
 from flax import nnx
 
-from convert.common import COPY, CONV, FLAT, Linear, Rule, TensorReader, atomic_dir, hf_tensors, load_state, \
-    write_safetensors
+from convert.common import COPY, CONV, FLAT, Linear, Rule, TensorReader, export_hf, hf_tensors, load_state
 from genllava_jax import layers
 from genllava_jax.models.unet import UNet, UNetConfig
 
@@ -65,7 +64,5 @@ def from_hf(path, mesh=None, **overrides) -> UNet:
 
 def to_hf(model: UNet, path, *, dtype=None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
     """Writes a folder that `UNet2DConditionModel.from_pretrained` loads with no missing or unexpected keys."""
-    with atomic_dir(path, overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
-        write_safetensors(hf_tensors(model, mirror_rules(model), dtype), tmp, prefix=PREFIX,
-                          max_shard_bytes=max_shard_bytes)
+    export_hf(path, model.cfg.to_hf(), hf_tensors(model, mirror_rules(model), dtype), prefix=PREFIX,
+              max_shard_bytes=max_shard_bytes, overwrite=overwrite)

@@ -14,7 +14,7 @@ import re
 
 from flax import nnx
 
-from convert.common import TensorReader, atomic_dir, hf_tensors, load_state, write_safetensors
+from convert.common import TensorReader, export_hf, hf_tensors, load_state
 from convert.unet import PREFIX, mirror_rules, model_dir
 from genllava_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -38,7 +38,5 @@ def from_hf(path, mesh=None, **overrides) -> AutoencoderKL:
 def to_hf(model: AutoencoderKL, path, *, dtype=None, max_shard_bytes: int = 5 * 2**30,
           overwrite: bool = False) -> None:
     """Writes a folder that `AutoencoderKL.from_pretrained` loads with no missing or unexpected keys."""
-    with atomic_dir(path, overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
-        write_safetensors(hf_tensors(model, mirror_rules(model), dtype), tmp, prefix=PREFIX,
-                          max_shard_bytes=max_shard_bytes)
+    export_hf(path, model.cfg.to_hf(), hf_tensors(model, mirror_rules(model), dtype), prefix=PREFIX,
+              max_shard_bytes=max_shard_bytes, overwrite=overwrite)
