@@ -24,6 +24,8 @@ def get_config():
     c.data.update(path="runs/demo/data/train.jsonl", tokenizer="runs/demo/data/tokenizer", max_len=48,
                   image_size=32, num_patches=16, target_image_size=32, num_img_tokens=8)
 
+    c.data.eval_path = "runs/demo/data/eval.jsonl"  # held-out GVIT file for train.eval_every / train.sample_every
+
     m = c.model = ml_collections.ConfigDict()
     m.vision = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=32, patch_size=8,
                     feature_layer=-1)
@@ -41,11 +43,13 @@ def get_config():
     m.cond_drop_prob = 0.1
     m.lambda_gen = 1.0
     m.diffusion_rows = 16  # of 32: about half the synthetic rows have a target image
+    m.sample_latents = False  # the demo's VAE is fitted for a minute: its posterior is still wide
+    m.snr_gamma = 5.0  # the UNet trains from scratch here: Min-SNR weighting speeds it up
 
     c.init = dict(vae="")  # our-format checkpoints to start parts from (python -m convert ... / the demo's VAE fit)
 
     c.train = ml_collections.ConfigDict(dict(
-        steps=1500, batch_size=32, accum=1, lr=2e-3, warmup_frac=0.03, final_lr_frac=0.05, weight_decay=0.0,
+        steps=1500, batch_size=32, accum=1, lr=1e-3, warmup_frac=0.03, final_lr_frac=0.05, weight_decay=0.0,
         b1=0.9, b2=0.98, grad_clip=1.0,
         trainable=("vision/.*", "projector/.*", "llm/.*", "head/.*", "unet/.*", "null_cond"),
         log_every=50, checkpoint_every=500, keep_checkpoints=2, sample_every=0, eval_every=0, eval_batches=4,

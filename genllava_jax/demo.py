@@ -26,7 +26,8 @@ from PIL import Image
 
 flags.DEFINE_string("workdir", "runs/demo", "everything the demo writes")
 flags.DEFINE_integer("train_steps", None, "joint train steps (default: configs/tiny.py)")
-flags.DEFINE_integer("vae_steps", 150, "VAE fitting steps")
+flags.DEFINE_integer("vae_steps", 200, "VAE fitting steps")
+flags.DEFINE_float("vae_lr", 5e-3, "VAE fitting peak learning rate")
 flags.DEFINE_integer("num_train", 4000, "synthetic training records")
 flags.DEFINE_integer("num_eval", 64, "held-out records per task to evaluate")
 flags.DEFINE_integer("sample_steps", 20, "DDIM steps when generating")
@@ -54,7 +55,7 @@ def evaluate(model, tokenizer, c, eval_path: Path, num_per_task: int, sample_ste
     tokens = infer.answer(model, stack(rows), max_new_tokens=8, eos_id=ids.eos, pad_id=ids.pad)
     answers = [tokenizer.decode([t for t in row if t not in (ids.eos, ids.pad)], skip_special_tokens=True).strip()
                for row in tokens]
-    truth = [r["conversations"][-1]["value"].strip() for r in rows]
+    truth = [r["conversations"][1]["value"].strip() for r in rows]  # the prompt is the first question
     out["understanding_accuracy"] = float(np.mean([a == t for a, t in zip(answers, truth)]))
     examples = [f"  Q: {r['conversations'][0]['value'].replace('<image>', '').strip()}  A: {a!r}  (truth {t!r})"
                 for r, a, t in list(zip(rows, answers, truth))[:4]]
@@ -101,7 +102,7 @@ def main(_):
     t0 = time.time()
     vae_cfg = VAEConfig(**c.model.vae.to_dict())
     vae, vae_metrics = fit_vae(vae_cfg, load_images(paths["images"], c.data.target_image_size),
-                               steps=FLAGS.vae_steps)
+                               steps=FLAGS.vae_steps, lr=FLAGS.vae_lr)
     checkpoint.save_module(work / "vae", vae, "vae", overwrite=True)
     times["vae_s"] = time.time() - t0
     print(f"[2/4] VAE fitted: reconstruction MSE {vae_metrics['vae_mse']:.4f}, latent scale "

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -214,6 +215,14 @@ def init_parts(model, init_cfg, mesh) -> None:
             continue
         if not hasattr(model, part):
             raise ValueError(f"init.{part}: the model has no part {part!r}")
+        if str(path).endswith(".npy"):  # a single parameter, e.g. the null conditioning CLIP("")
+            var, value = getattr(model, part), np.load(path)
+            if value.size == var.get_value().size:
+                value = value.reshape(var.get_value().shape)  # CLIP("") comes as (1, 77, 768)
+            else:
+                raise ValueError(f"init.{part}={path}: shape {value.shape}, the model needs {var.get_value().shape}")
+            var.set_value(jax.device_put(value.astype(var.get_value().dtype), var.get_value().sharding))
+            continue
         loaded = checkpoint.load_module(path, mesh)
         target = dict(nnx.to_flat_state(nnx.state(getattr(model, part), nnx.Param)))
         new = nnx.state(loaded, nnx.Param)
@@ -306,11 +315,53 @@ def run(c, workdir, *, mesh=None, stop_after: int | None = None) -> dict:
                                              f"train.max_skipped_steps={tc.max_skipped_steps}); stopping before "
                                              f"anything non-finite is written")
                 acc, t_last = None, time.time()
+            if tc.eval_every and done % tc.eval_every == 0 and c.data.get("eval_path"):
+                writer.write(done, evaluate_loss(c, state, s, tokenizer), prefix="eval/")
+            if tc.sample_every and done % tc.sample_every == 0 and jax.process_index() == 0:
+                save_samples(c, merged_model(state, s), tokenizer, workdir / "samples" / f"step_{done:07d}.png")
             checkpoint.save_train(mngr, done, state, s.frozen, data, force=done == tc.steps)
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
     return row
+
+
+def evaluate_loss(c, state, s: Setup, tokenizer) -> dict:
+    """Mean eval-step metrics over `train.eval_batches` batches of `data.eval_path` (one pass, file order)."""
+    from genllava_jax.data.pipeline import make_dataset
+
+    data_cfg = c.data.copy_and_resolve_references()
+    data_cfg.path = c.data.eval_path
+    it, _ = make_dataset(data_cfg, tokenizer, global_batch=c.train.batch_size, seed=c.seed, train=False)
+    eval_fn, out, n = jit_eval_step(s), None, 0
+    for _, batch in zip(range(c.train.eval_batches), it):
+        m = eval_fn(state["params"], s.frozen, to_global(batch, s), jax.random.PRNGKey(c.seed))
+        out = m if out is None else jax.tree.map(jnp.add, out, m)
+        n += 1
+    return {k: float(v) / n for k, v in jax.device_get(out).items()} if n else {}
+
+
+def save_samples(c, model, tokenizer, path) -> None:
+    """A PNG grid of images generated for the first rows with a target image in `data.eval_path` (or the train set)."""
+    from PIL import Image
+
+    from genllava_jax import infer
+    from genllava_jax.data.pipeline import make_dataset
+
+    data_cfg = c.data.copy_and_resolve_references()
+    data_cfg.path = c.data.get("eval_path") or c.data.path
+    it, _ = make_dataset(data_cfg, tokenizer, global_batch=16, seed=c.seed, train=False, process_index=0,
+                         process_count=1)
+    batch = next(it)
+    rows = np.flatnonzero(batch["has_target"])
+    if not len(rows):
+        return
+    batch = {k: v[rows] for k, v in batch.items()}
+    images = infer.images(model, batch, num_steps=c.sample.num_steps, guidance_scale=c.sample.guidance_scale,
+                          sampler=c.sample.sampler)
+    targets = ((batch["target_image"] + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(infer.image_grid(np.concatenate([targets, images]), cols=len(rows))).save(path)
 
 
 def load_trained(workdir, mesh=None):

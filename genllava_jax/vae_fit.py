@@ -1,6 +1,6 @@
 """Fits a small AutoencoderKL on a folder of images: the demo's stand-in for SD's pretrained VAE.
 
-Reconstruction MSE + a small KL weight on posterior samples; then `scaling_factor` = 1 / std of the latent means
+Reconstruction MSE + a small KL weight; then `scaling_factor` = 1 / std of the latent means
 (as SD's 0.18215 was chosen), so the diffusion latents have unit variance.
 """
 
@@ -29,7 +29,9 @@ def load_images(folder, size: int) -> np.ndarray:
 
 
 def fit_vae(cfg: VAEConfig, images: np.ndarray, *, steps: int = 600, batch_size: int = 32, lr: float = 2e-3,
-            kl_weight: float = 1e-4, seed: int = 0) -> tuple[AutoencoderKL, dict]:
+            kl_weight: float = 1e-4, deterministic: bool = True, seed: int = 0) -> tuple[AutoencoderKL, dict]:
+    """With `deterministic`, the decoder learns from the posterior mean (a briefly fitted VAE's posterior is too wide
+    to decode samples sharply); the diffusion then uses the mean too (GenLLaVAConfig.sample_latents=False)."""
     vae = AutoencoderKL(cfg, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(vae)
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(50, steps // 4), steps, lr * 0.05), weight_decay=0.0)
@@ -38,7 +40,7 @@ def fit_vae(cfg: VAEConfig, images: np.ndarray, *, steps: int = 600, batch_size:
     def loss_fn(params, x, rng):
         model = nnx.merge(graphdef, params)
         mean, logvar = model.encode(x)
-        recon = model.decode(model.sample(mean, logvar, rng))
+        recon = model.decode(mean if deterministic else model.sample(mean, logvar, rng))
         kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
         mse = jnp.mean(jnp.square(recon - x))
         return mse + kl_weight * kl, mse

@@ -48,6 +48,12 @@ class GenLLaVAConfig:
     # rows of a batch that run the diffusion branch (those with a target image first); 0: all rows. Fixed shapes
     # either way; fewer rows skip UNet/VAE work on understanding and text rows.
     diffusion_rows: int = 0
+    # Min-SNR-γ loss weighting (Hang et al. 2023; diffusers' --snr_gamma): faster convergence for a UNet trained
+    # from scratch. None: plain MSE, as the paper (whose UNet is frozen).
+    snr_gamma: float | None = None
+    # diffuse a posterior sample of the target's latents (SD's practice) or its mean (for a VAE whose posterior is
+    # still wide, like the demo's briefly fitted one: its samples would be mostly noise)
+    sample_latents: bool = True
 
     def __post_init__(self):
         if self.edit_mode not in ("semantic", "latent_concat"):
@@ -158,7 +164,7 @@ class GenLLaVA(nnx.Module):
         cond = self.head(h, e)
         drop = jax.random.bernoulli(r_drop, cfg.cond_drop_prob, (B,))
         cond = jnp.where(drop[:, None, None], self.null_cond[...].astype(cond.dtype)[None], cond)
-        latents = jax.lax.stop_gradient(self.vae.latents(target_image, r_vae))
+        latents = jax.lax.stop_gradient(self.vae.latents(target_image, r_vae if cfg.sample_latents else None))
         source = (jax.lax.stop_gradient(self.vae.latents(source_image))
                   if cfg.edit_mode == "latent_concat" else None)
         noise = jax.random.normal(r_noise, latents.shape, latents.dtype)
@@ -168,8 +174,15 @@ class GenLLaVA(nnx.Module):
                                                                                              noise, t)
         pred = self.unet(self.unet_input(noisy, source), t, cond)
         mse_B = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=(1, 2, 3))
+        weight_B = jnp.ones_like(mse_B)
+        if cfg.snr_gamma:
+            ac = jnp.asarray(cfg.schedule.alphas_cumprod())[t]
+            snr = ac / (1 - ac)
+            denom = snr if cfg.schedule.prediction_type == "epsilon" else snr + 1
+            weight_B = jnp.minimum(snr, cfg.snr_gamma) / denom
         n_img = has.sum()
         mse = (mse_B * has).sum() / jnp.maximum(n_img, 1)
-        loss = ce + cfg.lambda_gen * mse
+        gen_loss = (weight_B * mse_B * has).sum() / jnp.maximum(n_img, 1)
+        loss = ce + cfg.lambda_gen * gen_loss
         return loss, {"ce": ce, "mse": mse, "token_accuracy": acc, "tokens": n_tok.astype(jnp.float32),
                       "images": n_img.astype(jnp.float32)}

@@ -1,0 +1,62 @@
+"""GenLLaVA-7B as in the paper: SigLIP So400m/14@384 (layer -2) -> MLP projector -> Mistral-7B-Instruct v0.2 ->
+Q-former head (77 x 768) -> Stable Diffusion v1.4 (frozen UNet and VAE).
+
+Convert the pretrained parts once (HF / diffusers folders downloaded elsewhere), then train on a pod:
+
+    python -m convert siglip  --from-hf siglip-so400m-patch14-384 --out ckpt/siglip
+    python -m convert mistral --from-hf Mistral-7B-Instruct-v0.2  --out ckpt/mistral
+    python -m convert.stable_diffusion stable-diffusion-v1-4 ckpt/sd   # unet/, vae/, null_conditioning.npy
+    python -m genllava_jax.train --config=configs/genllava_7b.py --workdir=gs://bucket/genllava7b \
+        --config.data.path=gvit.jsonl --config.data.tokenizer=Mistral-7B-Instruct-v0.2
+
+It prints a progress bar and every `train.log_every` steps a line such as
+    step 10 loss 3.2 ce 2.4 mse 0.14 token_accuracy 0.51 grad_norm 2.1 lr 6.7e-07 tokens_per_s ... images_per_s ...
+Parameters are kept in float32 and computed in bfloat16; Mistral and SigLIP are scanned with full remat; the mesh is
+fully sharded (fsdp) over all chips. `python -m launch.aot --config=configs/genllava_7b.py` checks the fit first.
+"""
+
+import ml_collections
+
+from genllava_jax.data.pipeline import default_data_config
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+
+    c.data = default_data_config()
+    c.data.update(path="", tokenizer="", max_len=2048, image_size=384, num_patches=729, target_image_size=512,
+                  num_img_tokens=16, worker_count=8)
+
+    c.data.eval_path = ""  # held-out GVIT file for train.eval_every / train.sample_every
+
+    bf16 = dict(dtype="bfloat16", param_dtype="float32")
+    m = c.model = ml_collections.ConfigDict()
+    m.vision = dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16, image_size=384,
+                    patch_size=14, feature_layer=-2, remat="full", **bf16)
+    m.projector = dict(vision_size=1152, text_size=4096, **bf16)
+    m.llm = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                 num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None,
+                 tie_embeddings=False, remat="full", **bf16)
+    m.head = dict(hidden_size=768, num_layers=4, num_heads=12, intermediate_size=3072, cross_attention_frequency=1,
+                  encoder_hidden_size=4096, llm_hidden_size=4096, num_query_tokens=77, out_dim=768, **bf16)
+    m.unet = dict(remat="full", **bf16)  # SD v1.4 defaults (genllava_jax.models.unet.UNetConfig)
+    m.vae = dict(**bf16)  # SD v1.4 defaults, scaling factor 0.18215
+    m.edit_mode = "semantic"
+    m.cond_drop_prob = 0.1
+    m.lambda_gen = 1.0
+    m.diffusion_rows = 0
+
+    # our-format checkpoints written by `python -m convert ...`; a .npy sets a single parameter
+    c.init = dict(vision="ckpt/siglip", llm="ckpt/mistral", unet="ckpt/sd/unet", vae="ckpt/sd/vae",
+                  null_cond="ckpt/sd/null_conditioning.npy")
+
+    c.train = ml_collections.ConfigDict(dict(
+        steps=10000, batch_size=128, accum=1, lr=2e-5, warmup_frac=0.03, final_lr_frac=0.0, weight_decay=0.1,
+        b1=0.9, b2=0.999, grad_clip=1.0,
+        trainable=("projector/.*", "llm/.*", "head/.*", "null_cond"),
+        log_every=10, checkpoint_every=500, keep_checkpoints=3, sample_every=0, eval_every=0, eval_batches=4,
+        max_skipped_steps=20))
+    c.sample = dict(num_steps=50, guidance_scale=7.5, sampler="ddim")
+    return c

@@ -1,0 +1,203 @@
+"""The joint model and its one jitted train step: loss goes down, gradients reach what they must, frozen parts stay
+frozen, sharded equals single-device, and a resumed run continues exactly."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl import flags
+from flax import nnx
+
+from genllava_jax import sharding as shd, train
+from genllava_jax.data import synthetic
+from genllava_jax.data.pipeline import make_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+flags.FLAGS.mark_as_parsed()  # grain reads absl flags
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    synthetic.make_synthetic(out, num_train=96, num_eval=8, image_size=16, num_img_tokens=4)
+    return out
+
+
+def micro_config(data_dir):
+    """configs/tiny.py shrunk further so that the joint step compiles in seconds."""
+    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    c = tiny.get_config()
+    c.data.update(path=str(data_dir / "train.jsonl"), tokenizer=str(data_dir / "tokenizer"), max_len=40,
+                  image_size=16, num_patches=4, target_image_size=16, num_img_tokens=4, read_threads=1)
+    m = c.model
+    m.vision.update(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, image_size=16, patch_size=8)
+    m.projector.update(vision_size=16, text_size=32)
+    m.llm.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    m.head.update(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, encoder_hidden_size=32,
+                  llm_hidden_size=32, num_query_tokens=4, out_dim=16)
+    m.unet.update(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16, heads=(2, 2))
+    m.vae.update(block_out_channels=(8, 8), norm_num_groups=4, sample_size=16)
+    m.diffusion_rows = 0
+    c.train.update(steps=6, batch_size=8, lr=3e-3, log_every=1, checkpoint_every=3, warmup_frac=0.2)
+    c.mesh = dict(data=1, fsdp=1, tensor=1)
+    return c
+
+
+def single_mesh():
+    return shd.make_mesh({"data": 1}, jax.devices()[:1])
+
+
+def fixed_batch(c, tokenizer, n=8):
+    it, _ = make_dataset(c.data, tokenizer, global_batch=n, seed=0)
+    return next(it)
+
+
+@pytest.fixture(scope="module")
+def built(data_dir):
+    """The micro model, built once (initialisation compiles slowly on CPU); tests take fresh copies."""
+    c = micro_config(data_dir)
+    cfg, model, tokenizer, _ = train.build(c, single_mesh())
+    graphdef, state = nnx.split(model)
+    return c, cfg, tokenizer, lambda: nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+
+
+def test_train_steps_lower_the_loss_and_leave_frozen_parts_bit_identical(built):
+    c, cfg, tokenizer, fresh = built
+    mesh = single_mesh()
+    state, s = train.setup(fresh(), c.train, mesh)
+    frozen_before = jax.tree.map(np.array, s.frozen)
+    assert {p[0] for p, _ in nnx.to_flat_state(s.frozen)} == {"vae"}  # the tiny config trains all but the VAE
+    step = train.jit_train_step(s)
+    batch = train.to_global(fixed_batch(c, tokenizer), s)
+    losses = []
+    with jax.set_mesh(mesh):
+        for _ in range(6):
+            state, metrics = step(state, s.frozen, batch)
+            losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert float(metrics["mse"]) > 0 and float(metrics["images"]) > 0
+    for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(s.frozen)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_diffusion_loss_reaches_qformer_img_embeddings_and_llm(built):
+    c, cfg, tokenizer, fresh = built
+    model = fresh()
+    batch = {k: jnp.asarray(v) for k, v in fixed_batch(c, tokenizer).items()}
+    assert bool(batch["has_target"].any())
+    graphdef, params = nnx.split(model, nnx.Param)
+    grads = jax.grad(lambda p: nnx.merge(graphdef, p).loss(batch, jax.random.key(0))[1]["mse"])(params)
+    norm = lambda tree: float(optax.global_norm(tree))
+    assert norm(grads["head"]) > 0
+    assert norm(grads["llm"]["layers"]) > 0
+    emb = np.asarray(grads["llm"]["embed"]["embedding"].get_value())
+    assert np.abs(emb[list(cfg.img_token_ids)]).sum() > 0  # the [IMG] token embeddings learn from the diffusion loss
+    assert norm(grads["vae"]) == 0  # latents are computed under stop_gradient
+
+
+def test_sharded_train_step_equals_single_device(built):
+    c, cfg, tokenizer, fresh = built
+    batch = fixed_batch(c, tokenizer)
+
+    def losses(mesh):
+        model = shd.shard_module(fresh(), mesh)
+        state, s = train.setup(model, c.train, mesh)
+        step = train.jit_train_step(s)
+        out = []
+        with jax.set_mesh(mesh):
+            for _ in range(3):
+                state, metrics = step(state, s.frozen, train.to_global(batch, s))
+                out.append(float(metrics["loss"]))
+        return out, state
+
+    single, _ = losses(single_mesh())
+    sharded, state = losses(shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
+    kernel = state["params"]["llm"]["layers"]["up"]["kernel"].get_value()
+    assert kernel.addressable_shards[0].data.size < kernel.size  # really sharded
+
+
+def _rows(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(workdir):
+    return [r["loss"] for r in _rows(workdir) if "loss" in r]
+
+
+@pytest.mark.slow
+def test_resumed_run_continues_exactly(data_dir, tmp_path):
+    c = micro_config(data_dir)
+    mesh = single_mesh()
+    straight = c.copy_and_resolve_references()
+    straight.data.eval_path = str(data_dir / "eval.jsonl")
+    straight.train.update(eval_every=3, eval_batches=1, sample_every=6)
+    straight.sample.num_steps = 2
+    train.run(straight, tmp_path / "straight", mesh=mesh)
+    assert any("eval/ce" in r for r in _rows(tmp_path / "straight"))
+    assert (tmp_path / "straight" / "samples" / "step_0000006.png").exists()
+    assert list((tmp_path / "straight" / "tb").iterdir())  # TensorBoard events
+    train.run(c, tmp_path / "resumed", mesh=mesh, stop_after=3)  # "killed" after the step-3 checkpoint
+    assert len(_losses(tmp_path / "resumed")) == 3
+    train.run(c, tmp_path / "resumed", mesh=mesh)
+    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert len(straight) == 6 and len(resumed) == 6
+    assert resumed == straight  # same data order, same rng, same state: bit-identical losses
+    model, cfg = train.load_trained(tmp_path / "resumed", mesh)
+    assert cfg.llm.num_layers == 2 and model.llm.layers.up.kernel.get_value().shape[0] == 2
+
+
+def test_config_mismatches_fail_at_start_with_what_to_change(data_dir):
+    c = micro_config(data_dir)
+    c.data.num_patches = 5
+    with pytest.raises(ValueError, match="data.num_patches=4"):
+        train.build(c, single_mesh())
+    c = micro_config(data_dir)
+    c.model.head.out_dim = 12
+    with pytest.raises(ValueError, match="head.out_dim != unet.cross_attention_dim"):
+        train.build(c, single_mesh())
+
+
+@pytest.mark.slow
+def test_7b_config_builds_the_papers_model_abstractly(data_dir):
+    """configs/genllava_7b.py: shapes only (nnx.eval_shape), with the parameter counts of the published parts."""
+    from genllava_jax.data.tokenizer import load_tokenizer
+    from genllava_jax.models.genllava import GenLLaVA
+
+    spec = importlib.util.spec_from_file_location("g7b", ROOT / "configs" / "genllava_7b.py")
+    g7b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(g7b)
+    c = g7b.get_config()
+    c.data.tokenizer = str(data_dir / "tokenizer")
+    cfg = train.model_config(c, load_tokenizer(c.data.tokenizer, c.data.num_img_tokens))
+    model = nnx.eval_shape(lambda: GenLLaVA(cfg, rngs=nnx.Rngs(0)))
+    count = lambda m: sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(m, nnx.Param)))
+    assert abs(count(model.llm) - 7.24e9) < 0.01e9  # Mistral-7B
+    assert abs(count(model.vision) - 0.413e9) < 0.002e9  # SigLIP So400m vision tower without its MAP head
+    assert abs(count(model.unet) - 0.860e9) < 0.005e9  # SD v1.4 UNet
+    assert abs(count(model.vae) - 0.0838e9) < 0.001e9  # SD VAE
+    assert model.null_cond.get_value().shape == (77, 768)
+    assert cfg.num_patches == 729
+
+
+def test_latent_concat_editing_mode_feeds_source_latents_to_an_8_channel_unet(built):
+    """Shapes only (jax.eval_shape): the InstructPix2Pix/MGIE mode wires source latents into the UNet input."""
+    c, cfg, tokenizer, _ = built
+    from genllava_jax.models.genllava import GenLLaVA
+
+    with pytest.raises(ValueError, match="unet.in_channels must be 8"):
+        cfg.replace(edit_mode="latent_concat")
+    ip2p = cfg.replace(edit_mode="latent_concat", unet=cfg.unet.replace(in_channels=8))
+    model = nnx.eval_shape(lambda: GenLLaVA(ip2p, rngs=nnx.Rngs(0)))
+    assert model.unet.conv_in.kernel.get_value().shape[2] == 8
+    batch = fixed_batch(c, tokenizer)
+    graphdef, state = nnx.split(model)
+    loss, metrics = jax.eval_shape(lambda s, b: nnx.merge(graphdef, s).loss(b, jax.random.key(0)), state, batch)
+    assert loss.shape == () and metrics["mse"].shape == ()
