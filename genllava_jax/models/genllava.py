@@ -184,5 +184,5 @@ class GenLLaVA(nnx.Module):
         mse = (mse_B * has).sum() / jnp.maximum(n_img, 1)
         gen_loss = (weight_B * mse_B * has).sum() / jnp.maximum(n_img, 1)
         loss = ce + cfg.lambda_gen * gen_loss
-        return loss, {"ce": ce, "mse": mse, "token_accuracy": acc, "tokens": n_tok.astype(jnp.float32),
+        return loss, {"ce": ce, "mse": mse, "token_accuracy": acc, "tokens": mask.sum().astype(jnp.float32),
                       "images": n_img.astype(jnp.float32)}
