@@ -177,7 +177,7 @@ def jit_eval_step(s: Setup):
     def fn(params, frozen, batch, rng):
         return _loss(s.graphdef, params, frozen, s.rest, batch, rng)[1]
 
-    return jax.jit(fn, in_shardings=(s.state_shardings["params"], s.frozen_shardings, None))
+    return jax.jit(fn, in_shardings=(s.state_shardings["params"], s.frozen_shardings, None, None))
 
 
 def merged_model(state, s: Setup) -> nnx.Module:

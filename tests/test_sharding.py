@@ -45,7 +45,9 @@ def test_create_sharded_matches_plain_init_and_shards_parameters():
     q = sharded.layers.q.kernel.get_value()
     assert q.sharding.spec == P(None, "fsdp", "tensor", None)
     assert q.addressable_shards[0].data.shape == (2, 16, 2, 16)
-    np.testing.assert_array_equal(q, plain.layers.q.kernel.get_value())
+    # same draws; the one-off init is compiled without backend optimisations, which may round the RNG's
+    # transcendental maths differently in the last bit
+    np.testing.assert_allclose(q, plain.layers.q.kernel.get_value(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("axes", [{"data": 8}, {"fsdp": 8}, {"fsdp": 4, "tensor": 2}])
