@@ -362,8 +362,11 @@ def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], folder: Path, p
 
 
 def export_hf(path, hf_config: dict, tensors: Iterable[tuple[str, np.ndarray]], *, prefix: str = "model",
-              max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
-    """config.json + safetensors shards (+ index) written into a temporary directory renamed to `path` at the end."""
+              dtype=None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
+    """config.json + safetensors shards (+ index) written into a temporary directory renamed to `path` at the end;
+    `dtype`, when the tensors were cast to it, is recorded as the config's torch_dtype."""
+    if dtype is not None:
+        hf_config = {**hf_config, "torch_dtype": str(dtype)}
     with atomic_dir(path, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         write_safetensors(tensors, tmp, prefix=prefix, max_shard_bytes=max_shard_bytes)

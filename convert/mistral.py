@@ -46,7 +46,5 @@ def from_hf(path, mesh=None, **overrides) -> Mistral:
 
 def to_hf(model: Mistral, path, *, dtype=None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
     """Writes a folder that `MistralForCausalLM.from_pretrained` loads with no missing or unexpected keys."""
-    hf_cfg = model.cfg.to_hf()
-    if dtype is not None:
-        hf_cfg["torch_dtype"] = str(dtype)
-    export_hf(path, hf_cfg, hf_tensors(model, RULES, dtype), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    export_hf(path, model.cfg.to_hf(), hf_tensors(model, RULES, dtype), dtype=dtype, max_shard_bytes=max_shard_bytes,
+              overwrite=overwrite)

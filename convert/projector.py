@@ -32,8 +32,5 @@ def from_hf(path, mesh=None, *, prefix: str = PREFIX, **overrides) -> Projector:
 def to_hf(model: Projector, path, *, prefix: str = PREFIX, dtype=None, max_shard_bytes: int = 5 * 2**30,
           overwrite: bool = False) -> None:
     """Writes the projector's keys in LLaVA layout and a config.json with its LLaVA fields."""
-    hf_cfg = model.cfg.to_hf()
-    if dtype is not None:
-        hf_cfg["torch_dtype"] = str(dtype)
-    export_hf(path, hf_cfg, hf_tensors(model, with_prefix(RULES, prefix), dtype), max_shard_bytes=max_shard_bytes,
-              overwrite=overwrite)
+    export_hf(path, model.cfg.to_hf(), hf_tensors(model, with_prefix(RULES, prefix), dtype), dtype=dtype,
+              max_shard_bytes=max_shard_bytes, overwrite=overwrite)

@@ -78,8 +78,5 @@ def from_hf(path, mesh=None, *, prefix: str | None = None, hf_config: dict | Non
 def to_hf(model: SiglipVision, path, *, prefix: str = "", dtype=None, max_shard_bytes: int = 5 * 2**30,
           overwrite: bool = False) -> None:
     """Writes a folder that `SiglipVisionModel.from_pretrained` loads with no missing or unexpected keys."""
-    hf_cfg = model.cfg.to_hf()
-    if dtype is not None:
-        hf_cfg["torch_dtype"] = str(dtype)
-    export_hf(path, hf_cfg, hf_tensors(model, with_prefix(RULES, prefix), dtype), max_shard_bytes=max_shard_bytes,
-              overwrite=overwrite)
+    export_hf(path, model.cfg.to_hf(), hf_tensors(model, with_prefix(RULES, prefix), dtype), dtype=dtype,
+              max_shard_bytes=max_shard_bytes, overwrite=overwrite)

@@ -45,7 +45,7 @@ def load_module(path, mesh=None, rules=None, **overrides) -> nnx.Module:
     abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
     graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
     shardings = shd.state_shardings(abs_params, mesh, rules)
-    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), abs_params, shardings)
+    target = restore_target(abs_params, shardings)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(Path(path).absolute() / "params", target)
     return nnx.merge(graphdef, params, rest)
@@ -79,6 +79,11 @@ def restore_train(mngr: ocp.CheckpointManager, step: int, state_target, frozen_t
                               data=grain.checkpoint.CheckpointRestore(data_iter))
     out = mngr.restore(step, args=args)
     return out["state"], out["frozen"]
+
+
+def restore_target(abstract, shardings):
+    """ShapeDtypeStructs of an abstract pytree, each carrying its sharding: what orbax restores into."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def abstract_like(tree):

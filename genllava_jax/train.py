@@ -380,14 +380,15 @@ def load_trained(workdir, mesh=None):
     graphdef, params, frozen, rest = nnx.split(abstract, trainable_filter(c.train.trainable), nnx.Param, ...)
     tx, _ = make_optimizer(c.train)
     abs_state = jax.eval_shape(functools.partial(init_state, tx=tx, seed=0), params)
-    with_sh = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
     mngr = checkpoint.ocp.CheckpointManager((workdir / "checkpoints").absolute())
     step = mngr.latest_step()
     if step is None:
         raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint")
     args = checkpoint.ocp.args.Composite(
-        state=checkpoint.ocp.args.StandardRestore(with_sh(abs_state, state_shardings(params, tx, mesh))),
-        frozen=checkpoint.ocp.args.StandardRestore(with_sh(frozen, shd.state_shardings(frozen, mesh))))
+        state=checkpoint.ocp.args.StandardRestore(
+            checkpoint.restore_target(abs_state, state_shardings(params, tx, mesh))),
+        frozen=checkpoint.ocp.args.StandardRestore(
+            checkpoint.restore_target(frozen, shd.state_shardings(frozen, mesh))))
     out = mngr.restore(step, args=args)
     mngr.close()
     return nnx.merge(graphdef, out["state"]["params"], out["frozen"], rest), cfg
