@@ -397,13 +397,18 @@ def load_trained(workdir, mesh=None):
 def main(argv):
     from absl import flags
 
+    from genllava_jax import distributed
+
     del argv
+    distributed.initialize()  # multi-host: before anything touches a device
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
+
+    from genllava_jax import distributed  # noqa: F401  defines --distributed, --coordinator_address, ...
 
     config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
     flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, TensorBoard")
