@@ -1,12 +1,17 @@
-"""Inference with the joint model: answers (understanding) and images (generation, editing), each one jitted call.
+"""Inference with the joint model: answers (understanding), images (generation, editing), and the assistant loop.
 
-Both take the fixed-shape rows the data pipeline makes (`Encoder.example`): answers are decoded after the prompt
-(everything before the first labelled token, moved to left padding); images are conditioned on the teacher-forced
-`[SOI][IMG0..N-1]` of the row (the LLM is causal, so what follows them does not matter), as GILL does.
+Three jitted pieces, each compiled once per (bucket shape, settings):
+- `_decode`: image patches spliced into the left-padded prompts, batched prefill + KV-cache decode in one
+  `lax.while_loop` (greedy / temperature / top-p), per-row stop on `</s>` or `[SOI]`;
+- `_images`: a sequence holding `[SOI][IMG0..N-1]` → LLM states → Q-former → guided sampler → VAE decode;
+- `Assistant.reply` glues them: when a row's answer ends in `[SOI]`, its `[IMG]` tokens are appended (GILL's
+  inference: the model emits `[SOI]`, the rest of the image tokens are forced) and its image is generated.
+`answer`/`images` also take the pipeline's fixed-shape rows (`Encoder.example`), as the demo and train samples do.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -18,35 +23,60 @@ from genllava_jax import diffusion
 from genllava_jax.data.template import IGNORE
 from genllava_jax.models import mistral
 
-
-def left_padded_prompts(batch: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask) of each row's prompt (tokens before its first label), left-padded."""
-    ids, labels = np.asarray(batch["input_ids"]), np.asarray(batch["labels"])
-    B, T = ids.shape
-    lengths = np.where((labels != IGNORE).any(1), (labels != IGNORE).argmax(1), np.asarray(batch["attention_mask"]).sum(1))
-    out_ids, out_mask = np.zeros_like(ids), np.zeros_like(ids)
-    for b, n in enumerate(lengths):
-        out_ids[b, T - n:], out_mask[b, T - n:] = ids[b, :n], 1
-    return out_ids, out_mask
+SAMPLERS = {"ddim": diffusion.DDIM, "euler": diffusion.EulerDiscrete}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "pad_id", "temperature"))
-def _answer(graphdef, state, ids, mask, image, has_image, rng, *, max_new_tokens, eos_id, pad_id, temperature):
+def bucket(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket holding n: shapes come from a short list, so each bucket compiles once."""
+    for b in sorted(buckets):
+        if n <= b:
+            return b
+    raise ValueError(f"length {n} exceeds the largest bucket {max(buckets)}; pass larger buckets")
+
+
+def left_pad(rows: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    ids, mask = np.full((len(rows), length), pad_id, np.int32), np.zeros((len(rows), length), np.int32)
+    for b, row in enumerate(rows):
+        if len(row) > length:
+            raise ValueError(f"row {b}: {len(row)} tokens > length {length}")
+        ids[b, length - len(row):], mask[b, length - len(row):] = row, 1
+    return ids, mask
+
+
+def prompts_of(batch: dict) -> list[list[int]]:
+    """Each pipeline row's prompt: its tokens before the first label (the whole row if it has none)."""
+    ids, labels, mask = (np.asarray(batch[k]) for k in ("input_ids", "labels", "attention_mask"))
+    has = (labels != IGNORE).any(1)
+    lengths = np.where(has, (labels != IGNORE).argmax(1), mask.sum(1))
+    return [list(row[:n]) for row, n in zip(ids, lengths)]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "stop_ids", "pad_id",
+                                             "temperature", "top_p", "on_token"))
+def _decode(graphdef, state, ids, mask, image, has_image, rng, **kw):
     model = nnx.merge(graphdef, state)
     embeds = model.embed_inputs(ids, image, has_image)
-    return mistral.decode(model.llm, mask, rng, inputs_embeds=embeds, max_new_tokens=max_new_tokens,
-                          temperature=temperature, eos_id=eos_id, pad_id=pad_id)
+    return mistral.decode(model.llm, mask, rng, inputs_embeds=embeds, **kw)
+
+
+def decode(model, ids, mask, image, has_image, *, max_new_tokens: int = 16, eos_id: int | None = None,
+           stop_ids: tuple = (), pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0, rng=None,
+           on_token=None) -> mistral.Decoded:
+    """New tokens and per-row lengths after left-padded prompts (image patches spliced at `<image>`)."""
+    graphdef, state = nnx.split(model)
+    rng = jax.random.key(0) if rng is None else rng
+    out = _decode(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(image), jnp.asarray(has_image),
+                  rng, max_new_tokens=max_new_tokens, eos_id=eos_id, stop_ids=tuple(stop_ids), pad_id=pad_id,
+                  temperature=float(temperature), top_p=float(top_p), on_token=on_token)
+    return mistral.Decoded(*jax.device_get(tuple(out)))
 
 
 def answer(model, batch: dict, *, max_new_tokens: int = 16, eos_id: int | None = None, pad_id: int = 0,
-           temperature: float = 0.0, rng=None) -> np.ndarray:
-    """New tokens (B, max_new_tokens) answering each row's prompt (greedy by default)."""
-    ids, mask = left_padded_prompts(batch)
-    graphdef, state = nnx.split(model)
-    rng = jax.random.key(0) if rng is None else rng
-    return np.asarray(_answer(graphdef, state, ids, mask, batch["image"], batch["has_image"], rng,
-                              max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                              temperature=float(temperature)))
+           temperature: float = 0.0, top_p: float = 1.0, rng=None) -> np.ndarray:
+    """New tokens (B, max_new_tokens) answering each pipeline row's prompt (greedy by default)."""
+    ids, mask = left_pad(prompts_of(batch), np.asarray(batch["input_ids"]).shape[1], pad_id)
+    return decode(model, ids, mask, batch["image"], batch["has_image"], max_new_tokens=max_new_tokens,
+                  eos_id=eos_id, pad_id=pad_id, temperature=temperature, top_p=top_p, rng=rng).tokens
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "num_steps"))
@@ -54,8 +84,8 @@ def _images(graphdef, state, batch, rng, guidance_scale, image_guidance_scale, *
     model = nnx.merge(graphdef, state)
     cond = model.condition(batch["input_ids"], batch["attention_mask"], batch["image"], batch["has_image"])
     vae, unet = model.vae, model.unet
-    B, size = cond.shape[0], batch["target_image"].shape[1] // 2 ** (len(vae.cfg.block_out_channels) - 1)
-    noise = jax.random.normal(rng, (B, size, size, vae.cfg.latent_channels), jnp.float32)
+    size = unet.cfg.sample_size
+    noise = jax.random.normal(rng, (cond.shape[0], size, size, vae.cfg.latent_channels), jnp.float32)
     null = model.null_cond[...]
     if model.cfg.edit_mode == "latent_concat":
         src = vae.latents(batch["source_image"])
@@ -68,16 +98,114 @@ def _images(graphdef, state, batch, rng, guidance_scale, image_guidance_scale, *
 
 def images(model, batch: dict, *, rng=None, num_steps: int = 50, guidance_scale: float = 7.5,
            image_guidance_scale: float = 1.5, sampler: str = "ddim") -> np.ndarray:
-    """uint8 images (B, H, W, 3) generated from each row's [IMG] states (classifier-free guided)."""
-    samplers = {"ddim": diffusion.DDIM, "euler": diffusion.EulerDiscrete}
-    if sampler not in samplers:
-        raise ValueError(f"sampler={sampler!r}: choose one of {sorted(samplers)}")
+    """uint8 images (B, H, W, 3) generated from each row's [IMG] states (classifier-free guided).
+
+    `batch` needs input_ids (with [IMG0..N-1] in each row), attention_mask, image, has_image; source_image
+    (VAE pixels) for latent_concat editing."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}: choose one of {sorted(SAMPLERS)}")
     graphdef, state = nnx.split(model)
-    keys = ("input_ids", "attention_mask", "image", "has_image", "target_image", "source_image")
-    x = _images(graphdef, state, {k: jnp.asarray(batch[k]) for k in keys},
-                jax.random.key(0) if rng is None else rng, jnp.float32(guidance_scale),
-                jnp.float32(image_guidance_scale), sampler=samplers[sampler](model.cfg.schedule), num_steps=num_steps)
-    return np.asarray((np.asarray(x) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    B = np.asarray(batch["input_ids"]).shape[0]
+    s = model.cfg.vae.sample_size
+    x = {"source_image": np.zeros((B, s, s, 3), np.float32), **{k: batch[k] for k in (
+        "input_ids", "attention_mask", "image", "has_image", "source_image") if k in batch}}
+    out = _images(graphdef, state, {k: jnp.asarray(v) for k, v in x.items()},
+                  jax.random.key(0) if rng is None else rng, jnp.float32(guidance_scale),
+                  jnp.float32(image_guidance_scale), sampler=SAMPLERS[sampler](model.cfg.schedule),
+                  num_steps=num_steps)
+    return np.asarray((np.asarray(out) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Decoding and sampling settings: one cell of a sweep's settings axis."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_steps: int = 25
+    guidance_scale: float = 3.0
+    image_guidance_scale: float = 1.5
+    sampler: str = "ddim"
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Reply:
+    text: str
+    tokens: list[int]
+    image: np.ndarray | None = None  # uint8 (H, W, 3) when the answer asked for one ([SOI])
+
+
+class Assistant:
+    """Multi-turn assistant over a trained model: prompts through the Mistral template, answers, images."""
+
+    def __init__(self, model, tokenizer, data_cfg, *, length_buckets=(64, 128, 256, 512, 1024, 2048, 4096)):
+        from genllava_jax.data.tokenizer import SpecialIds
+
+        self.model, self.tokenizer, self.data_cfg = model, tokenizer, data_cfg
+        self.ids = SpecialIds.of(tokenizer, data_cfg.num_img_tokens)
+        self.length_buckets = tuple(length_buckets)
+        self.stream = None  # set to a callable(str) to receive text as it is decoded (batch of one)
+
+    def prompt(self, history: list[tuple[str, str]], user: str, *, task: str, has_image: bool) -> list[int]:
+        from genllava_jax.data.template import encode_prompt
+        from genllava_jax.data.tokenizer import IMAGE
+
+        if has_image and not history and IMAGE not in user:
+            user = f"{IMAGE}\n{user}"
+        return encode_prompt(self.tokenizer, self.ids, history, user, task=task,
+                             num_patches=self.data_cfg.num_patches)
+
+    def pixels(self, pil_images: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(SigLIP pixels, has_image, VAE pixels) for a batch of PIL images or None."""
+        from genllava_jax.data.image import ImageConfig, preprocess
+        from genllava_jax.data.pipeline import vae_pixels
+
+        s, t = self.data_cfg.image_size, self.data_cfg.target_image_size
+        sig, vae = np.zeros((len(pil_images), s, s, 3), np.float32), np.zeros((len(pil_images), t, t, 3), np.float32)
+        for b, im in enumerate(pil_images):
+            if im is not None:
+                sig[b], vae[b] = preprocess(im, ImageConfig(size=(s, s))), vae_pixels(im, t)
+        return sig, np.array([im is not None for im in pil_images]), vae
+
+    def _on_token(self, step, tokens):
+        del step
+        if self.stream is not None and tokens[0] not in (self.ids.eos, self.ids.pad, self.ids.soi):
+            self.stream(self.tokenizer.decode([int(tokens[0])]))
+
+    def reply(self, prompts: list[list[int]], pil_images: list, settings: Settings = Settings(), *,
+              force_image: bool = False) -> list[Reply]:
+        """Answers to a batch of prompts; rows whose answer ends in [SOI] (all rows with `force_image`) also get
+        an image generated from their [IMG] states."""
+        ids = self.ids
+        sig, has_image, vae_px = self.pixels(pil_images)
+        T = bucket(max(map(len, prompts)), self.length_buckets)
+        x, mask = left_pad(prompts, T, ids.pad)
+        stream = self._on_token if self.stream is not None and len(prompts) == 1 else None
+        out = decode(self.model, x, mask, sig, has_image, max_new_tokens=settings.max_new_tokens, eos_id=ids.eos,
+                     stop_ids=(ids.soi,), pad_id=ids.pad, temperature=settings.temperature, top_p=settings.top_p,
+                     rng=jax.random.key(settings.seed), on_token=stream)
+        replies, gen_rows = [], []
+        for b, (toks, n) in enumerate(zip(out.tokens, out.lengths)):
+            toks = [int(t) for t in toks[:n]]
+            wants = bool(toks) and toks[-1] == ids.soi
+            text = self.tokenizer.decode([t for t in toks if t not in (ids.eos, ids.soi)], skip_special_tokens=True)
+            replies.append(Reply(text.strip(), toks))
+            if wants or force_image:
+                body = toks[:-1] if wants else [t for t in toks if t != ids.eos]
+                gen_rows.append((b, prompts[b] + body + list(ids.generation)))
+        if gen_rows:
+            rows = [r for _, r in gen_rows]
+            gx, gmask = left_pad(rows, bucket(max(map(len, rows)), self.length_buckets), ids.pad)
+            sel = np.array([b for b, _ in gen_rows])
+            pix = images(self.model, dict(input_ids=gx, attention_mask=gmask, image=sig[sel], has_image=has_image[sel],
+                                          source_image=vae_px[sel]),
+                         rng=jax.random.key(settings.seed), num_steps=settings.num_steps,
+                         guidance_scale=settings.guidance_scale, image_guidance_scale=settings.image_guidance_scale,
+                         sampler=settings.sampler)
+            for (b, _), im in zip(gen_rows, pix):
+                replies[b].image = im
+        return replies
 
 
 def image_grid(images_BHWC: np.ndarray, cols: int = 8) -> np.ndarray:

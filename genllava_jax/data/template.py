@@ -32,13 +32,24 @@ def encode_user(tokenizer, ids: SpecialIds, text: str, num_patches: int) -> list
 def encode_conversation(tokenizer, ids: SpecialIds, turns: list[tuple[str, str]], *, task: str,
                         num_patches: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of (user, assistant) turns for a task in text, i2t, t2i, edit."""
-    inst, end_inst = encode_text(tokenizer, INST), encode_text(tokenizer, END_INST)
     input_ids, labels = [ids.bos], [IGNORE]
     for i, (user, assistant) in enumerate(turns):
-        task_ids = [getattr(ids, TASK_TOKEN[task])] if i == 0 and task in TASK_TOKEN else []
-        prompt = inst + task_ids + encode_user(tokenizer, ids, user, num_patches) + end_inst
+        prompt = _user_turn(tokenizer, ids, user, task if i == 0 else None, num_patches)
         generation = list(ids.generation) if i == len(turns) - 1 and task in GENERATES else []
         answer = encode_text(tokenizer, assistant) + generation + [ids.eos]
         input_ids += prompt + answer
         labels += [IGNORE] * len(prompt) + answer
     return input_ids, labels
+
+
+def _user_turn(tokenizer, ids: SpecialIds, user: str, task: str | None, num_patches: int) -> list[int]:
+    task_ids = [getattr(ids, TASK_TOKEN[task])] if task in TASK_TOKEN else []
+    return (encode_text(tokenizer, INST) + task_ids + encode_user(tokenizer, ids, user, num_patches)
+            + encode_text(tokenizer, END_INST))
+
+
+def encode_prompt(tokenizer, ids: SpecialIds, history: list[tuple[str, str]], user: str, *, task: str,
+                  num_patches: int) -> list[int]:
+    """input_ids of the finished turns in `history` plus a new user turn: what the assistant answers next."""
+    input_ids = encode_conversation(tokenizer, ids, history, task=task, num_patches=num_patches)[0] if history else [ids.bos]
+    return input_ids + _user_turn(tokenizer, ids, user, None if history else task, num_patches)

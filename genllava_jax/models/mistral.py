@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental import io_callback
 
 from genllava_jax.layers import (Embed, Linear, RMSNorm, apply_rope, attention_mask, dot_product_attention,
                                  scan_layers, stack_layers)
@@ -193,38 +194,52 @@ def sample_token(logits_BV, rng, temperature: float, top_p: float = 1.0):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def decode(model: Mistral, attention_mask, rng, *, input_ids=None, inputs_embeds=None, max_new_tokens: int,
-           temperature: float = 0.0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0):
-    """Traceable prefill + `max_new_tokens` one-token cached steps after left-padded prompts (ids or embeddings).
+class Decoded(NamedTuple):
+    tokens: jax.Array  # (B, max_new_tokens) new tokens; after a row's stop token, pad_id
+    lengths: jax.Array  # (B,) tokens each row generated, its stop token included
 
-    Returns the new tokens (B, max_new_tokens); rows that emitted `eos_id` continue with `pad_id`.
+
+def decode(model: Mistral, attention_mask, rng, *, input_ids=None, inputs_embeds=None, max_new_tokens: int,
+           temperature: float = 0.0, top_p: float = 1.0, eos_id: int | None = None, stop_ids: tuple = (),
+           pad_id: int = 0, on_token: Callable | None = None) -> Decoded:
+    """Traceable prefill + cached one-token steps after left-padded prompts (ids or embeddings), in a
+    `lax.while_loop` that ends when every row has emitted a stop token (`eos_id` or one of `stop_ids`) or after
+    `max_new_tokens`. `on_token(step, tokens_B)` streams each step's tokens to the host (ordered io_callback).
     """
     prompt = input_ids if inputs_embeds is None else inputs_embeds
     B, T = prompt.shape[:2]
-    lengths = attention_mask.sum(-1).astype(jnp.int32)
+    stops = jnp.asarray(tuple(stop_ids) + (() if eos_id is None else (eos_id,)), jnp.int32)
+    prompt_len = attention_mask.sum(-1).astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(attention_mask, -1) - 1, 0).astype(jnp.int32)
     hidden, cache = model.hidden(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                  positions=positions, cache=model.init_cache(B, T + max_new_tokens))
-    logits = model.logits(hidden[:, -1])
 
-    def step(i, carry):
-        tokens, logits, cache, done, rng = carry
+    def cond(carry):
+        i, done = carry[0], carry[4]
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, tokens, logits, cache, done, lengths, rng = carry
         rng, sub = jax.random.split(rng)
         tok = jnp.where(done, pad_id, sample_token(logits, sub, temperature, top_p))
-        tokens = tokens.at[:, i].set(tok)
-        if eos_id is not None:
-            done = done | (tok == eos_id)
-        hidden, cache = model.hidden(tok[:, None], positions=(lengths + i)[:, None], cache=cache)
-        return tokens, model.logits(hidden[:, -1]), cache, done, rng
+        if on_token is not None:
+            io_callback(on_token, None, i, tok, ordered=True)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], i, 1)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(tok, stops)
+        hidden, cache = model.hidden(tok[:, None], positions=(prompt_len + i)[:, None], cache=cache)
+        return i + 1, tokens, model.logits(hidden[:, -1]), cache, done, lengths, rng
 
-    init = (jnp.full((B, max_new_tokens), pad_id, jnp.int32), logits, cache, jnp.zeros((B,), bool), rng)
-    return jax.lax.fori_loop(0, max_new_tokens, step, init)[0]
+    init = (jnp.int32(0), jnp.full((B, max_new_tokens), pad_id, jnp.int32), model.logits(hidden[:, -1]), cache,
+            jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32), rng)
+    out = jax.lax.while_loop(cond, body, init)
+    return Decoded(out[1], out[5])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "eos_id",
                                              "pad_id"))
 def _generate(graphdef, state, input_ids, attention_mask, rng, **kw):
-    return decode(nnx.merge(graphdef, state), attention_mask, rng, input_ids=input_ids, **kw)
+    return decode(nnx.merge(graphdef, state), attention_mask, rng, input_ids=input_ids, **kw).tokens
 
 
 def generate(model: Mistral, input_ids, attention_mask=None, *, max_new_tokens: int, rng=None,
