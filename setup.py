@@ -21,6 +21,11 @@ setup(
         "tokenizers",
         "transformers>=4.50",  # AutoTokenizer and config classes; needs no torch
     ],
+    entry_points={"console_scripts": [
+        "genllava-chat=genllava_jax.cli:main_chat",
+        "genllava-generate=genllava_jax.cli:main_generate",
+        "genllava-edit=genllava_jax.cli:main_edit",
+    ]},
     extras_require={
         # Oracles for the tests and the torch side of the converters. torch is pinned exactly: a bare `torch`
         # would pull a multi-GB CUDA build on these machines.

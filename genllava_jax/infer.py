@@ -169,9 +169,14 @@ class Assistant:
         return sig, np.array([im is not None for im in pil_images]), vae
 
     def _on_token(self, step, tokens):
-        del step
+        """Streams the new text: the whole answer is re-decoded each step (a BPE piece alone may not be text)."""
+        if step == 0:
+            self._streamed, self._text = [], ""
         if self.stream is not None and tokens[0] not in (self.ids.eos, self.ids.pad, self.ids.soi):
-            self.stream(self.tokenizer.decode([int(tokens[0])]))
+            self._streamed.append(int(tokens[0]))
+            text = self.tokenizer.decode(self._streamed, skip_special_tokens=True)
+            self.stream(text[len(self._text):])
+            self._text = text
 
     def reply(self, prompts: list[list[int]], pil_images: list, settings: Settings = Settings(), *,
               force_image: bool = False) -> list[Reply]:
