@@ -67,8 +67,13 @@ def plan(mode: str = "auto", coordinator_address: str | None = None, num_process
                                  f"JAX_PROCESS_ID)")
         if n is not None and pid is not None and not 0 <= pid < n:
             raise ValueError(f"process_id={pid} is not in [0, num_processes={n})")
-        return {k: v for k, v in (("coordinator_address", addr), ("num_processes", n), ("process_id", pid))
-                if v is not None}
+        kwargs = {k: v for k, v in (("coordinator_address", addr), ("num_processes", n), ("process_id", pid))
+                  if v is not None}
+        if len(kwargs) == 3:
+            # all given: JAX must not "detect" the rest, e.g. narrow a per-node SLURM task to GPU SLURM_LOCALID
+            # (devices are narrowed only by JAX_LOCAL_DEVICE_IDS, which JAX reads itself)
+            kwargs["cluster_detection_method"] = "deactivate"
+        return kwargs
     if mode == "cluster":
         return {}
     # JAX's own detectors also fire for a single SLURM/MPI task, where start-up would only add a coordinator
