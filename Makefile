@@ -10,7 +10,7 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned, so that nothing later resolves a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[torch,dev]'
+	$(PY) -m pip install -q -e '.[torch,dev,tpu]'
 	touch $(STAMP)
 
 install: $(STAMP)

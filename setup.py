@@ -30,7 +30,8 @@ setup(
         # Oracles for the tests and the torch side of the converters. torch is pinned exactly: a bare `torch`
         # would pull a multi-GB CUDA build on these machines.
         "torch": ["torch==2.13.0", "transformers>=4.50", "diffusers>=0.30", "safetensors>=0.4"],
-        "tpu": ["jax[tpu]"],
+        # libtpu for the TPU fit check (launch/aot.py, compile-only on any machine); pinned with the jax it matches
+        "tpu": ["jax[tpu]==0.10.2"],
         "dev": ["pytest", "pytest-xdist", "hypothesis", "tensorboardX"],
     },
 )

@@ -1,0 +1,1 @@
+"""Launchers and the TPU fit check (`python -m launch.aot`)."""

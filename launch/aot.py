@@ -1,0 +1,409 @@
+"""Does it fit? Compiles the joint train step (and the eval step) for a TPU topology on this CPU, via libtpu.
+
+    python -m launch.aot --config=configs/genllava_7b.py --topology=v5p-8 --config.data.max_len=2048 \
+        [--mesh=data=1,fsdp=-1,tensor=1] [--remat=full] [--per_device_batch=2] [--search]
+
+Nothing is allocated: the model, train state and batch are abstract (shapes, dtypes and the shardings the rules
+give on a mesh over the topology's compile-only devices), the step is `train.jit_train_step(...).lower(...)
+.compile()`. Prints per-chip memory (arguments, outputs, temporaries, total vs the chip's HBM), FITS or OOM (XLA
+refuses to compile a program over the chip's memory and says by how much), FLOPs per step and compile times.
+`--search` tries mesh shapes and remat policies and finds, for each, the largest per-device batch that fits.
+"""
+
+from __future__ import annotations
+
+import os
+
+# libtpu takes a lockfile so that one process owns the chips; compile-only use needs no chips, and another JAX
+# process on the machine (which also loads libtpu when it is installed) would otherwise make this one fail.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+
+from genllava_jax import sharding as shd  # noqa: E402
+from genllava_jax import train  # noqa: E402
+from launch import flops  # noqa: E402
+
+GiB = 2 ** 30
+_F = (False, False, False)
+# user-facing slice name -> (libtpu topology, chip config, wraparound links); megacore: one device per chip
+TOPOLOGIES = {
+    "v4-8": ("v4:2x2x1", "megacore", _F), "v4-16": ("v4:2x2x2", "megacore", _F),
+    "v4-32": ("v4:2x2x4", "megacore", _F),
+    "v5p-8": ("v5:2x2x1", "megacore", _F), "v5p-16": ("v5:2x2x2", "megacore", _F),
+    "v5p-32": ("v5:2x2x4", "megacore", _F), "v5p-64": ("v5:2x4x4", "megacore", _F),
+    "v5e-4": ("v5e:2x2", "default", _F), "v5e-8": ("v5e:2x4", "default", _F), "v5e-16": ("v5e:4x4", "default", _F),
+    "v5e-32": ("v5e:4x8", "default", _F), "v5e-64": ("v5e:8x8", "default", _F),
+    "v5e-128": ("v5e:8x16", "default", (False, True, False)), "v5e-256": ("v5e:16x16", "default", (True, True, False)),
+}
+HBM_GIB = {"TPU v4": 32, "TPU v5": 95, "TPU v5 lite": 16, "TPU v6 lite": 32}  # per chip, by device_kind
+REMAT_PARTS = ("llm", "unet")  # --remat sets these: the parts with a backward pass and large activations
+REMAT_ORDER = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "full")  # least recompute first
+
+
+def target_devices(topology: str) -> list:
+    """Compile-only devices of a TPU slice: a name from TOPOLOGIES or libtpu's own, e.g. "v5e:2x2"."""
+    from jax.experimental import topologies
+
+    if topology in TOPOLOGIES:
+        name, chip_config, wrap = TOPOLOGIES[topology]
+    elif re.fullmatch(r"v\d+[a-z]*:\d+(x\d+)*", topology):
+        name, wrap = topology, _F
+        chip_config = "default" if topology.split(":")[0] in ("v5e", "v6e") else "megacore"
+    else:
+        raise ValueError(f"--topology={topology!r}: use one of {sorted(TOPOLOGIES)} or libtpu's form such as "
+                         f"v5e:2x2 / v5:2x2x1")
+    return list(topologies.get_topology_desc(name, "tpu", chip_config_name=chip_config,
+                                             chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=wrap).devices)
+
+
+def build_mesh(axes: dict, devices) -> jax.sharding.Mesh:
+    """shd.make_mesh over the devices in an order that follows the chips' links (mesh_utils), when it can."""
+    from jax.experimental import mesh_utils
+
+    sizes = [int(axes.get(a, 1)) for a in shd.MESH_AXES]
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = len(devices) // max(1, math.prod(s for s in sizes if s != -1))
+    try:
+        devices = mesh_utils.create_device_mesh(sizes, devices).flat
+    except (ValueError, NotImplementedError, AssertionError):
+        pass  # shapes mesh_utils cannot map onto the torus: plain device order
+    return shd.make_mesh(axes, list(devices))
+
+
+class StandInTokenizer:
+    """What `train.model_config` reads from a tokenizer, for a base vocabulary of `size` tokens (<unk> <s> </s>
+    first, as Mistral's) with GenLLaVA's tokens appended as `load_tokenizer` does: the real ids do not matter
+    for a compile, only the vocabulary size."""
+
+    bos_token_id, eos_token_id, unk_token_id, pad_token_id = 1, 2, 0, None
+
+    def __init__(self, size: int, num_img_tokens: int):
+        from genllava_jax.data.tokenizer import genllava_tokens
+
+        names = ["<unk>", "<s>", "</s>"] + [f"<base{i}>" for i in range(3, size)] + genllava_tokens(num_img_tokens)
+        self._vocab = {t: i for i, t in enumerate(names)}
+
+    def get_vocab(self):
+        return self._vocab
+
+    def __len__(self):
+        return len(self._vocab)
+
+
+def tokenizer_for(c):
+    from genllava_jax.data.tokenizer import load_tokenizer
+
+    if c.data.tokenizer and Path(c.data.tokenizer).is_dir():
+        return load_tokenizer(c.data.tokenizer, c.data.num_img_tokens)
+    if not c.model.llm.get("vocab_size"):
+        raise ValueError(f"data.tokenizer={c.data.tokenizer!r} is not a directory and model.llm.vocab_size is unset: "
+                         f"set --config.model.llm.vocab_size (the base vocabulary) for the fit check")
+    return StandInTokenizer(c.model.llm.vocab_size, c.data.num_img_tokens)
+
+
+def with_sharding(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def abstract_setup(c, mesh):
+    """(abstract train state, train.Setup with abstract frozen params, GenLLaVAConfig, abstract model): what
+    `train.setup` builds, from `nnx.eval_shape` instead of initialised weights."""
+    from genllava_jax.models.genllava import GenLLaVA
+
+    tc = c.train
+    cfg = train.model_config(c, tokenizer_for(c))
+    model = nnx.eval_shape(lambda: GenLLaVA(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, frozen, rest = nnx.split(model, train.trainable_filter(tc.trainable), nnx.Param, ...)
+    if not jax.tree.leaves(params):
+        raise ValueError(f"train.trainable={list(tc.trainable)} matches no parameter")
+    if jax.tree.leaves(rest):
+        raise ValueError(f"the model has non-parameter state {list(nnx.to_flat_state(rest).keys())[:5]}: the fit "
+                         f"check cannot make it abstract")
+    tx, schedule = train.make_optimizer(tc)
+    state_sh = train.state_shardings(params, tx, mesh)
+    frozen_sh = shd.state_shardings(frozen, mesh)
+    state = with_sharding(jax.eval_shape(functools.partial(train.init_state, tx=tx, seed=c.seed), params), state_sh)
+
+    def batch_sharding(batch):  # as train.setup's
+        return jax.tree.map(lambda x: NamedSharding(mesh, shd.logical_to_spec(
+            ("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)), batch)
+
+    s = train.Setup(graphdef, with_sharding(frozen, frozen_sh), rest, state_sh, frozen_sh, batch_sharding, tx,
+                    schedule, mesh)
+    return state, s, cfg, model
+
+
+def abstract_batch(c, cfg, s: train.Setup, global_batch: int) -> dict:
+    """The data pipeline's batch (its empty row, `Encoder.blank`) as sharded ShapeDtypeStructs."""
+    from genllava_jax.data.pipeline import Encoder
+    from genllava_jax.data.tokenizer import SpecialIds
+
+    d = c.data
+    ids = SpecialIds(image=0, i2t=0, t2i=0, soi=0, img=(), eoi=0, bos=0, eos=0, pad=cfg.llm.pad_token_id or 0)
+    row = Encoder(None, ids, Path("."), d.max_len, d.image_size, cfg.num_patches, d.target_image_size,
+                  d.on_too_long).blank()
+    abstract = {k: jax.ShapeDtypeStruct((global_batch,) + np.shape(v), np.asarray(v).dtype) for k, v in row.items()}
+    return with_sharding(abstract, s.batch_sharding(abstract))
+
+
+def nbytes(tree, per_device: bool) -> int:
+    def one(x):
+        shape = x.sharding.shard_shape(x.shape) if per_device else x.shape
+        return math.prod(shape) * np.dtype(x.dtype).itemsize
+
+    return sum(one(x) for x in jax.tree.leaves(tree))
+
+
+# how XLA:TPU words running out of HBM: (needed, unit, usable, unit)
+_OOM = [re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"),
+        re.compile(r"memory required for [^(]*\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")]
+
+
+def _size(num: str, unit: str) -> float:
+    return float(num) * 1024 ** ("KMGT".index(unit) + 1) if unit else float(num)
+
+
+def compile_report(jitted, args, hbm: float, log=lambda s: None) -> tuple[dict, object]:
+    """Traces, lowers and compiles; memory per chip from `memory_analysis()`, or XLA's figure when it refuses
+    (OOM). Returns the report and the trace (its jaxpr is the program the FLOPs are counted on)."""
+    t0 = time.perf_counter()
+    traced = jitted.trace(*args)
+    lowered = traced.lower()
+    t1 = time.perf_counter()
+    log(f"  lowered in {t1 - t0:.0f} s; compiling")
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 -- XLA reports running out of HBM as a compile error
+        m = next((m for p in _OOM if (m := p.search(str(e)))), None)
+        if "RESOURCE_EXHAUSTED" not in str(e) or not m:
+            raise
+        return {"fits": False, "lower_s": t1 - t0, "compile_s": time.perf_counter() - t1,
+                "total": _size(*m.groups()[:2]), "hbm_xla": _size(*m.groups()[2:]), "hbm": hbm}, traced
+    t2 = time.perf_counter()
+    ma = compiled.memory_analysis()
+    out = {"arguments": ma.argument_size_in_bytes, "outputs": ma.output_size_in_bytes,
+           "aliased": ma.alias_size_in_bytes, "temporaries": ma.temp_size_in_bytes,
+           "code": ma.generated_code_size_in_bytes}
+    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {**out, "fits": out["total"] <= hbm, "hbm": hbm, "lower_s": t1 - t0, "compile_s": t2 - t1,
+            "xla_flops": float(cost.get("flops", 0.0))}, traced
+
+
+def configure(c, *, remat: str | None = None, mesh: dict | None = None):
+    """A copy of config `c` with the remat policy of REMAT_PARTS and the mesh replaced."""
+    c = ml_collections.ConfigDict(c.to_dict())
+    if remat is not None:
+        for part in REMAT_PARTS:
+            c.model[part].remat = remat
+    if mesh is not None:
+        c.mesh = dict(mesh)
+    return c
+
+
+def check(c, devices, *, per_device_batch: int | None = None, eval_step: bool = True, count_flops: bool = True,
+          log=lambda s: None) -> dict:
+    """Compiles the train (and eval) step of config `c` for `devices` with the config's global batch or
+    `per_device_batch` rows per batch shard (data × fsdp); returns the report (see `format_report`)."""
+    mesh = build_mesh(dict(c.mesh), devices)
+    state, s, cfg, model = abstract_setup(c, mesh)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    global_batch = c.train.batch_size if per_device_batch is None else per_device_batch * batch_shards
+    if global_batch % batch_shards:
+        raise ValueError(f"batch {global_batch} does not split over data × fsdp = {batch_shards} devices")
+    batch = abstract_batch(c, cfg, s, global_batch)
+    kind = devices[0].device_kind
+    hbm = HBM_GIB[kind] * GiB
+    r = {"kind": kind, "chips": len(devices), "mesh": dict(mesh.shape), "remat": {p: getattr(cfg, p).remat for p in REMAT_PARTS},
+         "global_batch": global_batch, "per_device_batch": global_batch // batch_shards, "seq_len": c.data.max_len,
+         "params": {"trainable": sum(x.size for x in jax.tree.leaves(state["params"])),
+                    "frozen": sum(x.size for x in jax.tree.leaves(s.frozen))},
+         "param_bytes": {"whole": nbytes((state["params"], s.frozen), False),
+                         "per_chip": nbytes((state["params"], s.frozen), True)},
+         "state_bytes": {"whole": nbytes((state, s.frozen), False), "per_chip": nbytes((state, s.frozen), True)}}
+    step = train.jit_train_step(s, c.train.accum)
+    with jax.set_mesh(mesh):
+        log(f"train step: {r['global_batch']} rows on mesh {r['mesh']}, remat {r['remat']}")
+        r["train"], traced = compile_report(step, (state, s.frozen, batch), hbm, log)
+        if count_flops:
+            once = flops.jaxpr_flops(traced.jaxpr.jaxpr, scale_loops=False)
+            every = flops.jaxpr_flops(traced.jaxpr.jaxpr)
+            trainable = {str(k) for k in state["params"].keys()}
+            parts = flops.analytic(model, cfg, rows=global_batch, seq_len=c.data.max_len,
+                                   target_px=c.data.target_image_size, trainable=trainable)
+            r["flops"] = {"program_once": once, "program": every, "parts": parts, "analytic": sum(parts.values())}
+            if "xla_flops" in r["train"]:
+                # XLA counts each scan body once, and per chip (the partitioned program): scale by the ratio of the
+                # program's matmul FLOPs with each scan body times its trip count to those with it once
+                r["flops"]["xla_scaled"] = r["train"]["xla_flops"] * every / once
+        if eval_step and r["train"]["fits"]:
+            log("eval step")
+            eval_fn = train.jit_eval_step(s)
+            rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            r["eval"], _ = compile_report(eval_fn, (state["params"], s.frozen, batch, rng), hbm, log)
+    return r
+
+
+def _gib(x) -> str:
+    return f"{x / GiB:.2f} GiB"
+
+
+def _memory_line(m: dict) -> str:
+    verdict = "FITS" if m["fits"] else "OOM"
+    if "arguments" not in m:
+        return (f"XLA refused: needs {_gib(m['total'])} of {_gib(m['hbm_xla'])} usable HBM "
+                f"({_gib(m['hbm'])} per chip) -> {verdict}")
+    return (f"arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])} (aliased with arguments "
+            f"{_gib(m['aliased'])}), temporaries {_gib(m['temporaries'])}, code {_gib(m['code'])}; total "
+            f"{_gib(m['total'])} of {_gib(m['hbm'])} HBM -> {verdict}")
+
+
+def format_report(r: dict) -> str:
+    mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    remat = " ".join(f"{k}={v}" for k, v in r["remat"].items())
+    lines = [
+        f"topology: {r['chips']} × {r['kind']} ({HBM_GIB[r['kind']]} GiB HBM each); mesh {mesh}; remat {remat}",
+        f"batch: {r['global_batch']} global, {r['per_device_batch']} per device, sequence {r['seq_len']}",
+        f"params: {r['params']['trainable'] / 1e9:.3f} B trainable, {r['params']['frozen'] / 1e9:.3f} B frozen; "
+        f"{_gib(r['param_bytes']['whole'])} whole, {_gib(r['param_bytes']['per_chip'])} per chip; with the "
+        f"optimizer state {_gib(r['state_bytes']['whole'])} whole, {_gib(r['state_bytes']['per_chip'])} per chip",
+        f"train step: lower {r['train']['lower_s']:.1f} s, compile {r['train']['compile_s']:.1f} s",
+        f"  memory per chip: {_memory_line(r['train'])}",
+    ]
+    f = r.get("flops")
+    if f:
+        T = 1e12
+        parts = ", ".join(f"{k} {v / T:.2f}" for k, v in f["parts"].items())
+        lines.append(f"  FLOPs per step: analytic {f['analytic'] / T:.2f} T model FLOPs [{parts}]; the traced "
+                     f"program's matmuls {f['program'] / T:.2f} T (× {f['program'] / f['analytic']:.3f}: remat "
+                     f"recomputation)")
+        if "xla_scaled" in f:
+            x, xs = r["train"]["xla_flops"], f["xla_scaled"]
+            lines.append(f"  FLOPs per step: XLA {x / T:.3f} T per chip counting each scan body once, {xs / T:.3f} T "
+                         f"scaled by the trip counts; × {r['chips']} chips = {xs * r['chips'] / T:.2f} T, "
+                         f"{xs * r['chips'] / f['program']:.3f} × the program's, "
+                         f"{xs * r['chips'] / f['analytic']:.3f} × analytic")
+    if "eval" in r:
+        lines += [f"eval step: lower {r['eval']['lower_s']:.1f} s, compile {r['eval']['compile_s']:.1f} s",
+                  f"  memory per chip: {_memory_line(r['eval'])}"]
+    lines.append("FITS" if r["train"]["fits"] and r.get("eval", {"fits": True})["fits"] else "OOM")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --search
+
+
+def mesh_candidates(n: int) -> list[dict]:
+    """Fully sharded (fsdp over every chip), with 2- and 4-way tensor parallelism, and 2 data-parallel replicas."""
+    out = [dict(data=1, fsdp=n // t, tensor=t) for t in (1, 2, 4) if n % t == 0 and n // t >= 1]
+    if n >= 16:
+        out.append(dict(data=2, fsdp=n // 2, tensor=1))
+    return out
+
+
+def largest_batch(c, devices, log, max_compiles: int = 5) -> tuple[int, dict | None]:
+    """The largest per-device batch that compiles within HBM, and its report (0, None if batch 1 does not fit).
+
+    Memory grows about linearly with the batch: after batches 1 and 2, a line through the measured totals (XLA
+    states its total when it refuses, too) predicts the largest batch, and each prediction is compiled to check.
+    """
+    totals, fits, reports, cap = {}, {}, {}, None
+    b = 1
+    while len(totals) < max_compiles:
+        r = check(c, devices, per_device_batch=b, eval_step=False, count_flops=False, log=log)
+        t = r["train"]
+        totals[b], fits[b], reports[b] = t["total"], t["fits"], r
+        cap = t.get("hbm_xla", cap)  # the usable HBM XLA states when it refuses
+        log(f"    per-device batch {b}: {_gib(t['total'])} -> {'FITS' if t['fits'] else 'OOM'} "
+            f"(compile {t['compile_s']:.0f} s)")
+        lo = max((k for k in fits if fits[k]), default=0)
+        hi = min((k for k in fits if not fits[k]), default=None)
+        if lo == 0 or (hi is not None and hi == lo + 1):
+            break
+        slope, icpt = np.polyfit(list(totals), list(totals.values()), 1) if len(totals) > 1 else (0.0, 0.0)
+        nxt = int(((cap or t["hbm"]) - icpt) // slope) if slope > 0 else 2 * lo
+        if nxt <= lo and len(totals) > 1:
+            break  # the line puts nothing larger within HBM
+        nxt = max(nxt, lo + 1) if hi is None else min(max(nxt, lo + 1), hi - 1)
+        if nxt in totals:
+            break
+        b = nxt
+    return lo, reports.get(lo)
+
+
+def search(c, devices, remats, log=print) -> list[dict]:
+    """For each mesh shape and remat policy, the largest per-device batch that fits; returns the rows."""
+    rows = []
+    for mesh in mesh_candidates(len(devices)):
+        for remat in remats:
+            log(f"  mesh {mesh}, remat {remat}:")
+            b, r = largest_batch(configure(c, remat=remat, mesh=mesh), devices, log)
+            rows.append({"mesh": mesh, "remat": remat, "per_device_batch": b,
+                         "global_batch": r["global_batch"] if r else 0, "report": r})
+    return rows
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The largest global batch; on a tie the policy that recomputes least, then fewer tensor shards."""
+    ok = [r for r in rows if r["per_device_batch"]]
+    if not ok:
+        return None
+    return max(ok, key=lambda r: (r["global_batch"], -REMAT_ORDER.index(r["remat"]), -r["mesh"]["tensor"]))
+
+
+def main(argv):
+    from absl import flags
+
+    del argv
+    F = flags.FLAGS
+    progress = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    devices = target_devices(F.topology)
+    c = F.config
+    if F.search:
+        print(f"searching {F.topology}: meshes {mesh_candidates(len(devices))}, remat {F.remats}", flush=True)
+        rows = search(c, devices, F.remats, log=progress)
+        for row in rows:
+            print(f"  {row['mesh']} remat {row['remat']}: largest per-device batch {row['per_device_batch']}")
+        best = best_row(rows)
+        if best is None:
+            print("nothing fits: per-device batch 1 is OOM for every mesh and remat policy tried")
+            return
+        c = configure(c, remat=best["remat"], mesh=best["mesh"])
+        per_device = best["per_device_batch"]
+        print("best:", flush=True)
+    else:
+        c = configure(c, remat=F.remat, mesh=dict(kv.split("=") for kv in F.mesh.split(",")) if F.mesh else None)
+        per_device = F.per_device_batch
+    print(format_report(check(c, devices, per_device_batch=per_device, log=progress)), flush=True)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=False)
+    flags.DEFINE_string("topology", None, f"one of {sorted(TOPOLOGIES)}, or libtpu's name such as v5e:2x2")
+    flags.DEFINE_string("mesh", None, "e.g. data=1,fsdp=-1,tensor=2 (default: the config's mesh)")
+    flags.DEFINE_enum("remat", None, list(REMAT_ORDER) + ["everything_saveable"],
+                      f"remat policy of {REMAT_PARTS} (default: the config's)")
+    flags.DEFINE_integer("per_device_batch", None, "rows per batch shard (default: the config's train.batch_size "
+                                                   "as the global batch)")
+    flags.DEFINE_bool("search", False, "search mesh shapes, remat policies and the per-device batch")
+    flags.DEFINE_list("remats", ["full", "dots_with_no_batch_dims_saveable"], "remat policies --search tries")
+    flags.mark_flags_as_required(["config", "topology"])
+    app.run(main)

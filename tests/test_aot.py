@@ -1,0 +1,111 @@
+"""The TPU fit check (launch/aot.py): FLOP counting, the batch search, and a real compile for a v5e:2x2 slice on
+this CPU through libtpu (installed by `make test` with the `tpu` extra; the test fails, never skips, without it)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from launch import aot, flops
+
+
+def tiny_config(**mesh):
+    c = aot.configure(tiny.get_config(), mesh=mesh or dict(data=1, fsdp=-1, tensor=1))
+    c.model.llm.vocab_size = 1024  # no tokenizer directory in CI: the stand-in vocabulary
+    c.data.tokenizer = ""
+    return c
+
+
+def test_program_flops_counts_scan_bodies_once_or_by_trip_count():
+    def f(ws, x):
+        return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, ws)[0]
+
+    ws, x = jax.ShapeDtypeStruct((5, 16, 16), jnp.float32), jax.ShapeDtypeStruct((4, 16), jnp.float32)
+    assert flops.program_flops(f, ws, x) == 5 * 2 * 4 * 16 * 16
+    assert flops.program_flops(f, ws, x, scale_loops=False) == 2 * 4 * 16 * 16
+    # a 3x3 convolution, 8 -> 6 channels, 10x10 output: 2 * 100 * 6 * 9 * 8
+    conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert flops.program_flops(conv, jax.ShapeDtypeStruct((1, 10, 10, 8), jnp.float32),
+                               jax.ShapeDtypeStruct((3, 3, 8, 6), jnp.float32)) == 2 * 100 * 6 * 9 * 8
+
+
+@pytest.mark.slow
+def test_analytic_count_matches_the_traced_train_step():
+    """6·N·tokens + attention (and the per-part forwards) equal the matmul FLOPs of the traced step; full remat
+    adds up to one forward of the LLM and UNet on top."""
+    program = {}
+    for remat in ("none", "full"):
+        c = aot.configure(tiny_config(), remat=remat)
+        state, s, cfg, model = aot.abstract_setup(c, aot.build_mesh(dict(data=1), jax.devices()[:1]))
+        batch = aot.abstract_batch(c, cfg, s, 4)
+        program[remat] = flops.program_flops(aot.train.jit_train_step(s), state, s.frozen, batch)
+    parts = flops.analytic(model, cfg, rows=4, seq_len=c.data.max_len, target_px=c.data.target_image_size,
+                           trainable=set(state["params"].keys()))
+    assert set(parts) == {"llm", "vision", "projector", "head", "unet", "vae"}
+    assert sum(parts.values()) == pytest.approx(program["none"], rel=0.02)
+    forward = parts["llm"] / 3 + parts["unet"] / 2  # trainable: 3 passes; frozen, gradient through: 2
+    assert 0.3 * forward < program["full"] - program["none"] <= forward  # less what the backward does not need
+
+
+def test_topology_names_give_the_slices_chips():
+    for name, n, kind in [("v5p-8", 4, "TPU v5"), ("v4-8", 4, "TPU v4"), ("v5e-16", 16, "TPU v5 lite"),
+                          ("v5e:2x2", 4, "TPU v5 lite")]:
+        devices = aot.target_devices(name)
+        assert (len(devices), devices[0].device_kind) == (n, kind), name
+    with pytest.raises(ValueError, match="v5p-8"):
+        aot.target_devices("tpu-8")
+
+
+def test_over_hbm_is_reported_as_oom_with_xla_numbers():
+    device = aot.target_devices("v5e:2x2")[0]
+    big = jax.ShapeDtypeStruct((6 * 2 ** 30,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device))
+    r, _ = aot.compile_report(jax.jit(lambda x: x * 2), (big,), 16 * aot.GiB)
+    assert not r["fits"]
+    assert r["total"] >= 2 * 24 * aot.GiB * 0.99  # input and output, 24 GiB each
+    assert 14 * aot.GiB < r["hbm_xla"] <= 16 * aot.GiB
+
+
+def test_largest_batch_follows_the_memory_line(monkeypatch):
+    """Memory 3 + 2·b GiB on a 16 GiB chip: the largest batch is 6, found from batches 1, 2 and the prediction."""
+    tried = []
+
+    def fake_check(c, devices, *, per_device_batch, **kw):
+        tried.append(per_device_batch)
+        total = (3 + 2 * per_device_batch) * aot.GiB
+        return {"global_batch": 4 * per_device_batch,
+                "train": {"total": total, "fits": total <= 16 * aot.GiB, "hbm": 16 * aot.GiB, "compile_s": 0.0}}
+
+    monkeypatch.setattr(aot, "check", fake_check)
+    b, r = aot.largest_batch(None, [None] * 4, log=lambda s: None)
+    assert (b, r["global_batch"]) == (6, 24)
+    assert tried == [1, 2, 6]
+    rows = [{"mesh": dict(data=1, fsdp=4, tensor=1), "remat": "full", "per_device_batch": 6, "global_batch": 24},
+            {"mesh": dict(data=1, fsdp=4, tensor=1), "remat": "dots_saveable", "per_device_batch": 6,
+             "global_batch": 24},
+            {"mesh": dict(data=1, fsdp=2, tensor=2), "remat": "none", "per_device_batch": 0, "global_batch": 0}]
+    assert aot.best_row(rows)["remat"] == "dots_saveable"  # same batch, less recompute
+
+
+@pytest.mark.slow
+def test_fit_check_compiles_the_tiny_model_for_v5e_2x2():
+    c = tiny_config()
+    r = aot.check(c, aot.target_devices("v5e:2x2"), per_device_batch=2)
+    t = r["train"]
+    assert t["fits"] and r["eval"]["fits"]
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and r["global_batch"] == 8
+    # the arguments a chip holds are its shards: at least the sharded state, well under the whole of it
+    assert r["state_bytes"]["per_chip"] <= t["arguments"] < r["state_bytes"]["whole"]
+    assert r["param_bytes"]["per_chip"] < t["total"] < t["hbm"]
+    assert t["aliased"] > 0  # the donated train state is updated in place
+    f = r["flops"]
+    assert f["program"] > f["program_once"]  # the scanned LLM, SigLIP and Q-former layers
+    assert f["program"] == pytest.approx(f["analytic"], rel=0.02)  # the tiny config has no remat
+    assert 0.8 < f["xla_scaled"] * r["chips"] / f["program"] < 1.25
+    text = aot.format_report(r)
+    for field in ["memory per chip: arguments", "temporaries", "total", "of 16.00 GiB HBM -> FITS",
+                  "FLOPs per step: analytic", "scaled by the trip counts", "train step: lower", "eval step:",
+                  "mesh data=1 fsdp=4 tensor=1"]:
+        assert field in text, field
+    assert text.endswith("FITS")
+    np.testing.assert_equal(r["per_device_batch"], 2)
