@@ -207,10 +207,11 @@ def test_mixture_weights_respected(world, tok):
 
 def test_bad_records_are_skipped_and_counted(world, tok, tmp_path):
     good = [json.loads(line) for line in Path(world["eval"]).read_text().splitlines()[:5]]
-    for r in good:
+    for r in good:  # their images copied beside the data file: paths must stay inside the data root
         for k in ("image", "target_image"):
             if k in r:
-                r[k] = str(world["images"].parent / r[k])
+                (tmp_path / r[k]).parent.mkdir(exist_ok=True)
+                shutil.copy(world["images"].parent / r[k], tmp_path / r[k])
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     ask = lambda q: [{"from": "human", "value": q}, {"from": "gpt", "value": "red"}]  # noqa: E731
     bad = [
@@ -244,9 +245,11 @@ def test_bad_records_are_skipped_and_counted(world, tok, tmp_path):
 def test_truncation(world, tok, ids, tmp_path):
     long_text = {"conversations": [{"from": "human", "value": "What shapes are there?"},
                                    {"from": "gpt", "value": "circle, square and triangle " * 20}]}
-    long_gen = {"task": "t2i", "target_image": str(world["images"].parent / json.loads(
-        Path(world["train"]).read_text().splitlines()[0])["target_image"]),
-        "conversations": [{"from": "human", "value": "Draw a red circle. " * 20}, {"from": "gpt", "value": ""}]}
+    target = json.loads(Path(world["train"]).read_text().splitlines()[0])["target_image"]
+    (tmp_path / target).parent.mkdir(exist_ok=True)
+    shutil.copy(world["images"].parent / target, tmp_path / target)  # inside the data root
+    long_gen = {"task": "t2i", "target_image": target,
+                "conversations": [{"from": "human", "value": "Draw a red circle. " * 20}, {"from": "gpt", "value": ""}]}
     (tmp_path / "long.jsonl").write_text(json.dumps(long_text) + "\n" + json.dumps(long_gen) + "\n")
     it, info = pipeline.make_dataset(data_cfg(tmp_path / "long.jsonl"), tok, global_batch=2, seed=0, train=False)
     (batch,) = list(it)

@@ -11,8 +11,10 @@ A batch (B = this process's rows, T = max_len, H = image_size, Ht = target_image
 
 Per source: this process's shard (`[process_index::process_count]`), a seeded shuffle, repeated with a new order
 each epoch; sources are mixed by weight (grain.MapDataset.mix). Records the step cannot use are skipped, never
-fatal, and counted by reason in `info.skipped` (reported from workers too, as the reasons travel with the batches).
-With train=False: one pass in file order, the last batch padded with empty rows (attention_mask all 0).
+fatal, and counted by reason (records.REASONS) in `info.counts`, with the records read and those fixed (cut to
+max_len); the reasons travel with the batches, so worker processes report too, and the counts are part of the
+iterator's state, so they survive a checkpoint restore. With train=False: one pass in file order, the last batch
+padded with empty rows (attention_mask all 0).
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from PIL import Image
 
 from genllava_jax.data import arrayrecord
 from genllava_jax.data.image import ImageConfig, preprocess, to_rgb
-from genllava_jax.data.records import TASKS, BadRecord, Record, load_image, parse, read_records
-from genllava_jax.data.template import GENERATES, IGNORE, encode_conversation
+from genllava_jax.data.records import REASONS, TASKS, BadRecord, Record, load_image, parse, read_records
+from genllava_jax.data.template import GENERATES, IGNORE, TASK_TOKEN, encode_conversation
 from genllava_jax.data.tokenizer import SpecialIds
 
 MAX_SKIPS_IN_A_ROW = 1000  # more means the data is unusable (wrong folder, ...): fail instead of spinning forever
+FIXES = ("truncated",)  # what is done to records that are kept but changed, counted like the skips
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -50,6 +53,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         target_image_size=256,  # VAE input side (target and source images)
         num_img_tokens=16,  # [IMG0..N-1]
         on_too_long="truncate",  # or "drop"; a cut that would split the image or [SOI]..[EOI] drops the record
+        max_image_pixels=2**25,  # larger images (width x height, read from the header) are skipped undecoded
+        image_root="",  # image paths must resolve inside this folder; "" = each data file's folder
         worker_count=0,  # grain worker processes (0: decode in this process)
         read_threads=2,  # threads decoding records ahead of the consumer
     ))
@@ -88,14 +93,37 @@ class Encoder:
     num_patches: int
     target_size: int
     on_too_long: str
+    root: Path | None = None  # image paths must resolve inside it (default: base_dir)
+    max_pixels: int | None = None
 
     def __call__(self, raw) -> dict:
         try:
-            if isinstance(raw, bytes):
-                raw = arrayrecord.unpack(raw)
-            return self.example(parse(raw, self.base_dir))
+            ex, fixes = self.encode(raw)
+            return {**ex, "_fixed": fixes}
         except BadRecord as e:
             return {"skip": e.reason}
+
+    def encode(self, raw) -> tuple[dict, list[str]]:
+        """(example, what was fixed in it); BadRecord if it must be skipped."""
+        if isinstance(raw, bytes):
+            raw = arrayrecord.unpack(raw)
+        return self.example(parse(raw, self.base_dir, self.root))
+
+    def check_reserved(self, input_ids: list[int], record: Record) -> None:
+        """Reserved ids come from the template only: text that tokenises to <image>, [SOI], </s>, ... is refused."""
+        want = collections.Counter({self.ids.bos: 1})
+        want[self.ids.eos] += len(record.turns)
+        want[self.ids.image] += self.num_patches if record.image is not None else 0
+        if record.task in TASK_TOKEN:
+            want[getattr(self.ids, TASK_TOKEN[record.task])] += 1
+        for i in self.ids.generation:
+            want[i] += record.task in GENERATES
+        got = collections.Counter(input_ids)
+        reserved = {self.ids.bos, self.ids.eos, self.ids.image, self.ids.i2t, self.ids.t2i, *self.ids.generation}
+        bad = sorted(i for i in reserved if got[i] != want[i])
+        if bad:
+            raise BadRecord("special_token_in_text", f"reserved tokens {self.tokenizer.convert_ids_to_tokens(bad)} "
+                                                     "appear in the text")
 
     def fit(self, input_ids: list[int], labels: list[int], task: str) -> tuple[list[int], list[int]]:
         if len(input_ids) <= self.max_len:
@@ -108,24 +136,26 @@ class Encoder:
             raise BadRecord("too_long", "a cut would split the image or the generation tokens, or leave no label")
         return ids_cut, labels_cut
 
-    def example(self, record: Record) -> dict:
+    def example(self, record: Record) -> tuple[dict, list[str]]:
         input_ids, labels = encode_conversation(self.tokenizer, self.ids, list(record.turns), task=record.task,
                                                 num_patches=self.num_patches)
+        self.check_reserved(input_ids, record)
+        fixes = ["truncated"] if len(input_ids) > self.max_len else []
         input_ids, labels = self.fit(input_ids, labels, record.task)
         ex = self.blank()
         n = len(input_ids)
         ex["input_ids"][:n], ex["labels"][:n], ex["attention_mask"][:n] = input_ids, labels, 1
         ex["task"] = np.int32(TASKS.index(record.task))
         if record.image is not None:
-            image = load_image(record.image)
+            image = load_image(record.image, self.max_pixels)
             ex["image"] = preprocess(image, ImageConfig(size=(self.image_size,) * 2))
             ex["has_image"] = np.bool_(True)
             if record.task == "edit":
                 ex["source_image"] = vae_pixels(image, self.target_size)
         if record.target_image is not None:
-            ex["target_image"] = vae_pixels(load_image(record.target_image), self.target_size)
+            ex["target_image"] = vae_pixels(load_image(record.target_image, self.max_pixels), self.target_size)
             ex["has_target"] = np.bool_(True)
-        return ex
+        return ex, fixes
 
     def blank(self) -> dict:
         """An empty row: what the padding rows of the last eval batch are."""
@@ -173,12 +203,78 @@ def _collate(examples: list[dict], *, batch_size: int, blank: dict) -> dict:
     rows += [blank] * (batch_size - len(rows))
     batch = {k: np.stack([row[k] for row in rows]) for k in blank}
     batch["_skipped"] = [r for ex in examples for r in ex["_skipped"]]
+    batch["_fixed"] = [r for ex in examples for r in ex.get("_fixed", ())]
     return batch
 
 
-def _count(batch: dict, *, skipped: collections.Counter) -> dict:
-    skipped.update(batch.pop("_skipped"))
-    return batch
+@dataclasses.dataclass
+class DataCounts:
+    """What this process has read so far: records (kept or not), skips by reason, fixes by kind."""
+    read: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    fixed: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def state(self) -> dict:
+        return {"read": self.read, "skipped": dict(self.skipped), "fixed": dict(self.fixed)}
+
+    def load(self, state: dict) -> None:
+        self.read = state["read"]
+        self.skipped.clear(), self.skipped.update(state["skipped"])
+        self.fixed.clear(), self.fixed.update(state["fixed"])
+
+    def vector(self) -> np.ndarray:
+        """[read, skips in REASONS order, fixes in FIXES order]: a fixed layout that hosts can sum."""
+        return np.array([self.read, *(self.skipped[r] for r in REASONS), *(self.fixed[f] for f in FIXES)], np.int64)
+
+    @classmethod
+    def from_vector(cls, v) -> "DataCounts":
+        v = [int(x) for x in v]
+        skipped = collections.Counter({r: n for r, n in zip(REASONS, v[1:]) if n})
+        return cls(v[0], skipped, collections.Counter({f: n for f, n in zip(FIXES, v[1 + len(REASONS):]) if n}))
+
+
+class _Count(grain.IterDataset):
+    """The last stage: takes the reasons off each batch and counts them; its state carries the counts."""
+
+    def __init__(self, parent, counts: DataCounts):
+        super().__init__(parent)
+        self.counts = counts
+
+    def __iter__(self):
+        return _CountIterator(self._parent.__iter__(), self.counts)
+
+
+class _CountIterator(grain.DatasetIterator):
+
+    def __init__(self, parent, counts: DataCounts):
+        super().__init__(parent)
+        self.counts = counts
+
+    def __next__(self) -> dict:
+        batch = next(self._parent)
+        skipped = batch.pop("_skipped")
+        self.counts.skipped.update(skipped)
+        self.counts.fixed.update(batch.pop("_fixed"))
+        self.counts.read += len(skipped) + int(batch["attention_mask"].any(axis=1).sum())
+        return batch
+
+    def get_state(self):
+        return {"pipeline": self._parent.get_state(), "counts": self.counts.state()}
+
+    def set_state(self, state):
+        if "counts" not in state:  # a checkpoint written before the counts were saved
+            return self._parent.set_state(state)
+        self._parent.set_state(state["pipeline"])
+        self.counts.load(state["counts"])
+
+
+def global_counts(counts: DataCounts) -> DataCounts:
+    """The counts summed over all processes (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return DataCounts.from_vector(counts.vector())
+    from jax.experimental import multihost_utils
+
+    return DataCounts.from_vector(multihost_utils.process_allgather(counts.vector()).sum(0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +285,11 @@ class DataInfo:
     vocab_size: int  # len(tokenizer), added tokens included
     special_ids: SpecialIds
     num_records: dict[str, int]  # per source path, before sharding
-    skipped: collections.Counter  # reason -> records skipped so far (this process)
+    counts: DataCounts  # read / skipped / fixed so far by this process (updated as batches are taken)
+
+    @property
+    def skipped(self) -> collections.Counter:
+        return self.counts.skipped
 
 
 def make_dataset(data_cfg: ml_collections.ConfigDict, tokenizer, *, global_batch: int, seed: int,
@@ -202,6 +302,9 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, tokenizer, *, global_batch
         raise ValueError(f"global_batch={global_batch} is not divisible by the {count} processes")
     if data_cfg.on_too_long not in ("truncate", "drop"):
         raise ValueError(f"data.on_too_long={data_cfg.on_too_long!r}: expected 'truncate' or 'drop'")
+    image_root = data_cfg.get("image_root") or None
+    if image_root is not None and not Path(image_root).is_dir():
+        raise ValueError(f"data.image_root={image_root!r} is not a folder")
     batch_size, ids = global_batch // count, SpecialIds.of(tokenizer, data_cfg.num_img_tokens)
     encoder, parts, weights, num_records = None, [], [], {}
     for k, (path, weight) in enumerate(sources(data_cfg.path)):
@@ -213,7 +316,8 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, tokenizer, *, global_batch
         if train:
             ds = ds.shuffle(seed=seed + k).repeat()
         encoder = Encoder(tokenizer, ids, Path(path).parent, data_cfg.max_len, data_cfg.image_size,
-                          data_cfg.num_patches, data_cfg.target_image_size, data_cfg.on_too_long)
+                          data_cfg.num_patches, data_cfg.target_image_size, data_cfg.on_too_long,
+                          Path(image_root).resolve() if image_root else None, data_cfg.get("max_image_pixels"))
         parts.append(ds.map(encoder))
         weights.append(weight)
     ds = grain.MapDataset.mix(parts, weights) if train else grain.MapDataset.concatenate(parts)
@@ -222,7 +326,6 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, tokenizer, *, global_batch
     it = _SkipCounting(it).batch(batch_size, drop_remainder=train, batch_fn=collate)
     if data_cfg.worker_count:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
-    skipped = collections.Counter()
-    it = it.map(functools.partial(_count, skipped=skipped))
-    info = DataInfo(data_cfg.max_len, global_batch, batch_size, len(tokenizer), ids, num_records, skipped)
-    return iter(it), info
+    counts = DataCounts()
+    info = DataInfo(data_cfg.max_len, global_batch, batch_size, len(tokenizer), ids, num_records, counts)
+    return iter(_Count(it, counts)), info

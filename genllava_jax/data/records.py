@@ -3,9 +3,10 @@
     {"id": "...", "task": "edit", "image": "images/a.png", "target_image": "images/b.png", "caption": "...",
      "conversations": [{"from": "human", "value": "<image>\\nMake it green."}, {"from": "gpt", "value": ""}]}
 
-A data file is a JSON list of such records or JSONL (one a line); image paths are relative to the file's folder.
-Roles: human/user, gpt/assistant, and an optional leading system turn (prefixed to the first user turn, as
-Mistral has no system role). A missing `task` is inferred from the images present.
+A data file is a JSON list of such records or JSONL (one a line); image paths are relative to the file's folder
+and must stay inside the data root (that folder unless given): `../..`, absolute paths and symlinks leading out
+are refused. Roles: human/user, gpt/assistant, and an optional leading system turn (prefixed to the first user
+turn, as Mistral has no system role). A missing `task` is inferred from the images present.
 """
 
 from __future__ import annotations
@@ -18,16 +19,22 @@ from typing import Any
 
 from PIL import Image
 
+from genllava_jax.data.image import to_rgb
 from genllava_jax.data.tokenizer import IMAGE
 
 TASKS = ("text", "i2t", "t2i", "edit")  # index = the `task` id in batches
 USER, ASSISTANT = ("human", "user"), ("gpt", "assistant")
+# Why a record is skipped: the keys it is counted under (a fixed list, so hosts can sum their counts).
+REASONS = ("malformed", "no_assistant", "bad_turns", "bad_task", "too_many_images", "special_token_in_text",
+           "missing_image", "path_escape", "corrupt_image", "bad_image_mode", "image_too_large", "too_long")
 
 
 class BadRecord(ValueError):
-    """A record the pipeline skips; `reason` is the key it is counted under."""
+    """A record the pipeline skips; `reason` (one of REASONS) is the key it is counted under."""
 
     def __init__(self, reason: str, detail: str = ""):
+        if reason not in REASONS:
+            raise ValueError(f"BadRecord reason {reason!r} is not one of {REASONS}")
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
 
@@ -55,12 +62,21 @@ def read_records(path: str | Path) -> list[str | dict]:
     return records
 
 
-def _image_ref(value, base_dir: Path | None):
+def _image_ref(value, base_dir: Path | None, root: Path | None):
+    """The image's path (resolved, checked to lie inside `root`) or its bytes."""
     if value is None or isinstance(value, bytes):
         return value
-    if not isinstance(value, str):
-        raise BadRecord("malformed", f"image must be a path or bytes, got {type(value).__name__}")
-    return str(base_dir / value) if base_dir is not None else value
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise BadRecord("malformed", f"image must be a non-empty path or bytes, got {value!r:.80}")
+    if base_dir is None:
+        return value
+    try:
+        path = (base_dir / value).resolve()  # follows symlinks: one pointing out of the root is caught below
+    except (OSError, RuntimeError) as e:  # a symlink loop, a name too long
+        raise BadRecord("malformed", f"image path {value!r:.80}: {e}") from None
+    if root is not None and not path.is_relative_to(root):
+        raise BadRecord("path_escape", f"image {value!r:.80} resolves to {path}, outside the data root {root}")
+    return str(path)
 
 
 def _turns(conversations) -> tuple[tuple[str, str], ...]:
@@ -69,6 +85,10 @@ def _turns(conversations) -> tuple[tuple[str, str], ...]:
     msgs = [(c.get("from"), c.get("value")) for c in conversations]
     if any(not isinstance(v, str) for _, v in msgs):
         raise BadRecord("malformed", "every turn needs a string value")
+    try:
+        [v.encode() for _, v in msgs]  # lone surrogates (valid JSON escapes) are no text a tokenizer takes
+    except UnicodeEncodeError as e:
+        raise BadRecord("malformed", f"a turn is not valid unicode text: {e}") from None
     if msgs and msgs[0][0] == "system" and len(msgs) > 1:
         msgs = [(msgs[1][0], f"{msgs[0][1]}\n\n{msgs[1][1]}")] + msgs[2:]
     if not any(role in ASSISTANT for role, _ in msgs):
@@ -77,6 +97,8 @@ def _turns(conversations) -> tuple[tuple[str, str], ...]:
     alternate = all(r in USER for r, _ in users) and all(r in ASSISTANT for r, _ in answers)
     if len(users) != len(answers) or not alternate:
         raise BadRecord("bad_turns", f"roles must alternate user/assistant, got {[r for r, _ in msgs]}")
+    if any(IMAGE in a for _, a in answers):
+        raise BadRecord("special_token_in_text", f"{IMAGE} in an assistant turn")
     return tuple((u, a) for (_, u), (_, a) in zip(users, answers))
 
 
@@ -92,18 +114,23 @@ def as_dict(raw: str | dict) -> dict:
     return raw
 
 
-def parse(raw: str | dict, base_dir: Path | None = None) -> Record:
-    """A Record from a dict or a JSON line; raises BadRecord (with a reason) for anything the pipeline must skip."""
+def parse(raw: str | dict, base_dir: Path | None = None, root: Path | None = None) -> Record:
+    """A Record from a dict or a JSON line; raises BadRecord (with a reason) for anything the pipeline must skip.
+
+    Image paths are taken relative to `base_dir` and must resolve inside `root` (default: `base_dir`).
+    """
     raw = as_dict(raw)
     turns = _turns(raw.get("conversations"))
-    image, target = _image_ref(raw.get("image"), base_dir), _image_ref(raw.get("target_image"), base_dir)
+    root = None if base_dir is None else Path(root or base_dir).resolve()
+    image, target = (_image_ref(raw.get(k), base_dir, root) for k in ("image", "target_image"))
     task = raw.get("task") or ("edit" if image and target else "t2i" if target else "i2t" if image else "text")
-    if task not in TASKS:
-        raise BadRecord("bad_task", f"task {task!r} not in {TASKS}")
-    if task in ("t2i", "edit") and target is None:
-        raise BadRecord("missing_image", f"a {task} record needs target_image")
-    if task in ("i2t", "edit") and image is None:
-        raise BadRecord("missing_image", f"a {task} record needs image")
+    if not isinstance(task, str) or task not in TASKS:
+        raise BadRecord("bad_task", f"task {task!r:.40} not in {TASKS}")
+    for key, ref, used in (("image", image, ("i2t", "edit")), ("target_image", target, ("t2i", "edit"))):
+        if task in used and ref is None:
+            raise BadRecord("missing_image", f"a {task} record needs {key}")
+        if task not in used and ref is not None:  # e.g. a target the text task would load but never generate
+            raise BadRecord("bad_task", f"a {task} record has {key}; only {' and '.join(used)} records use it")
     num_placeholders = sum(u.count(IMAGE) for u, _ in turns)
     if num_placeholders > 1:
         raise BadRecord("too_many_images", f"{num_placeholders} {IMAGE} placeholders; one image per record at most")
@@ -114,13 +141,27 @@ def parse(raw: str | dict, base_dir: Path | None = None) -> Record:
     return Record(turns, task, image, target, raw.get("caption"), raw.get("meta"))
 
 
-def load_image(ref: str | bytes) -> Image.Image:
-    """A decoded PIL image from a path or the file's bytes; BadRecord if missing or corrupt."""
+def load_image(ref: str | bytes, max_pixels: int | None = None) -> Image.Image:
+    """A decoded RGB PIL image from a path or the file's bytes; BadRecord if missing, corrupt, too large (more than
+    `max_pixels`, checked from the header before decoding) or in a mode with no RGB conversion."""
+    name = ref if isinstance(ref, str) else "embedded image"
     try:
+        if isinstance(ref, str) and Path(ref).exists() and not Path(ref).is_file():
+            raise BadRecord("corrupt_image", f"{ref}: not a regular file")  # a folder, or a FIFO that would block
         image = Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
+        if max_pixels and image.width * image.height > max_pixels:
+            raise BadRecord("image_too_large", f"{name}: {image.width}x{image.height} pixels, more than "
+                                               f"data.max_image_pixels={max_pixels}")
         image.load()  # decode now: a truncated file fails here, not later in a worker
+    except BadRecord:
+        raise
     except FileNotFoundError:
         raise BadRecord("missing_image", str(ref)) from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadRecord("corrupt_image", f"{ref if isinstance(ref, str) else 'embedded image'}: {e}") from None
-    return image
+    except Image.DecompressionBombError as e:  # PIL's own ceiling (Image.MAX_IMAGE_PIXELS)
+        raise BadRecord("image_too_large", f"{name}: {e}") from None
+    except Exception as e:  # decoders of arbitrary bytes raise OSError, SyntaxError, struct.error, ...
+        raise BadRecord("corrupt_image", f"{name}: {type(e).__name__}: {e}") from None
+    try:
+        return to_rgb(image)
+    except Exception as e:  # e.g. float or exotic modes PIL cannot take to RGB
+        raise BadRecord("bad_image_mode", f"{name}: mode {image.mode}: {e}") from None
