@@ -201,3 +201,18 @@ def test_latent_concat_editing_mode_feeds_source_latents_to_an_8_channel_unet(bu
     graphdef, state = nnx.split(model)
     loss, metrics = jax.eval_shape(lambda s, b: nnx.merge(graphdef, s).loss(b, jax.random.key(0)), state, batch)
     assert loss.shape == () and metrics["mse"].shape == ()
+
+
+def test_diffusion_repeats_equal_duplicated_rows(built):
+    """repeats=2 gives the loss of a batch whose rows are each duplicated (same noise draws, no condition dropout)."""
+    c, cfg, tokenizer, fresh = built
+    model = fresh()
+    batch = {k: np.asarray(v) for k, v in fixed_batch(c, tokenizer, n=4).items() if not k.startswith("_")}
+    dup = {k: np.repeat(v, 2, axis=0) for k, v in batch.items()}
+    model.cfg = cfg.replace(cond_drop_prob=0.0, diffusion_repeats=2)
+    loss_rep, m_rep = model.loss(batch, jax.random.key(1))
+    model.cfg = cfg.replace(cond_drop_prob=0.0, diffusion_repeats=1)
+    loss_dup, m_dup = model.loss(dup, jax.random.key(1))
+    np.testing.assert_allclose(float(loss_rep), float(loss_dup), rtol=1e-5)
+    np.testing.assert_allclose(float(m_rep["mse"]), float(m_dup["mse"]), rtol=1e-5)
+    assert float(m_rep["images"]) == batch["has_target"].sum() and float(m_dup["images"]) == 2 * float(m_rep["images"])

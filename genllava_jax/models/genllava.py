@@ -51,6 +51,9 @@ class GenLLaVAConfig:
     # Min-SNR-γ loss weighting (Hang et al. 2023; diffusers' --snr_gamma): faster convergence for a UNet trained
     # from scratch. None: plain MSE, as the paper (whose UNet is frozen).
     snr_gamma: float | None = None
+    # noise draws per target image per step: more UNet updates for one LLM/Q-former pass (the UNet is the part that
+    # learns slowest when it trains from scratch, as in the demo); 1 in the paper's setting
+    diffusion_repeats: int = 1
     # diffuse a posterior sample of the target's latents (SD's practice) or its mean (for a VAE whose posterior is
     # still wide, like the demo's briefly fitted one: its samples would be mostly noise)
     sample_latents: bool = True
@@ -167,6 +170,10 @@ class GenLLaVA(nnx.Module):
         latents = jax.lax.stop_gradient(self.vae.latents(target_image, r_vae if cfg.sample_latents else None))
         source = (jax.lax.stop_gradient(self.vae.latents(source_image))
                   if cfg.edit_mode == "latent_concat" else None)
+        if cfg.diffusion_repeats > 1:
+            rep = lambda x: None if x is None else jnp.repeat(x, cfg.diffusion_repeats, axis=0)
+            cond, latents, source, has = rep(cond), rep(latents), rep(source), rep(has)
+            B = B * cfg.diffusion_repeats
         noise = jax.random.normal(r_noise, latents.shape, latents.dtype)
         t = jax.random.randint(r_t, (B,), 0, cfg.schedule.num_train_timesteps)
         noisy = diffusion.add_noise(cfg.schedule, latents, noise, t)
@@ -183,6 +190,7 @@ class GenLLaVA(nnx.Module):
         n_img = has.sum()
         mse = (mse_B * has).sum() / jnp.maximum(n_img, 1)
         gen_loss = (weight_B * mse_B * has).sum() / jnp.maximum(n_img, 1)
+        n_img = n_img // cfg.diffusion_repeats
         loss = ce + cfg.lambda_gen * gen_loss
         return loss, {"ce": ce, "mse": mse, "token_accuracy": acc, "tokens": mask.sum().astype(jnp.float32),
                       "images": n_img.astype(jnp.float32)}
