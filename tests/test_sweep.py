@@ -1,12 +1,15 @@
 """Evaluation sweeps: a micro checkpoint × POPE- and GQA-format files of the synthetic world × two settings, on the
-8 simulated devices: one compile per bucket, a killed sweep resumes to the same results, batched = one by one."""
+8 simulated devices: one compile per bucket, a killed sweep resumes to the same results, batched = one by one, and
+2 processes × 2 devices write the same bytes."""
 
 import dataclasses
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -140,7 +143,8 @@ def test_killed_sweep_resumes_to_the_same_results(through, workdir, benchmarks, 
 
     # a cell resumed with other settings under the same name is refused, naming the file and the fields
     other = {"greedy": infer.Settings(max_new_tokens=7)}
-    with pytest.raises(ValueError, match=r"greedy/pope.(done|spec).json was made with other settings.max_new_tokens: 6 -> 7;"):
+    refused = r"greedy/pope.(done|spec).json was made with other settings.max_new_tokens: 6 -> 7;"
+    with pytest.raises(ValueError, match=refused):
         sweep.run([str(workdir)], benchmarks[:1], other, tmp_path, batch_size=BATCH, length_buckets=buckets)
 
 
@@ -159,23 +163,56 @@ def test_batched_answers_equal_one_by_one(through, one_device, benchmarks, bucke
         assert len(set(single.values())) > 1  # not one answer for everything
 
 
+def _settings_flag(name, s: infer.Settings) -> str:
+    return (f"--settings={name}:max_new_tokens={s.max_new_tokens},temperature={s.temperature},top_p={s.top_p},"
+            f"seed={s.seed}")
+
+
+def _run_processes(cmd, n, local_devices, logs, timeout=900) -> list[str]:
+    """`cmd` as n processes of one JAX job (gloo on CPU); their logs, or an error with each one's tail."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}",
+           "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(n)}
+    paths = [logs / f"process{i}.log" for i in range(n)]
+    procs = [subprocess.Popen(cmd, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=path.open("w"),
+                              stderr=subprocess.STDOUT) for i, path in enumerate(paths)]
+    deadline = time.time() + timeout
+    try:
+        while any(p.poll() is None for p in procs) and time.time() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break  # the others would wait for the failed one in a collective
+            time.sleep(0.5)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    texts = [path.read_text() for path in paths]
+    if any(p.returncode != 0 for p in procs):
+        raise AssertionError("\n".join(f"--- process {i} (exit {p.returncode}):\n{t[-3000:]}"
+                                       for i, (p, t) in enumerate(zip(procs, texts))))
+    return texts
+
+
 @pytest.mark.slow
-def test_command_line_adds_a_setting_to_a_finished_sweep(through, workdir, benchmarks, buckets, tmp_path):
+def test_two_hosts_redo_cells_to_the_same_bytes(through, workdir, benchmarks, buckets, tmp_path):
+    """The command line as 2 processes × 2 devices: the POPE cells, deleted from a copy of the one-process sweep,
+    are redone with each host loading its rows; the answers and the table (rebuilt from every finished cell, the
+    GQA ones included) come out byte for byte the same."""
     ref, _, _ = through
     out = tmp_path / "sweep"
     shutil.copytree(ref, out)
+    for path in out.glob("cells/*/*/pope.*"):
+        path.unlink()
     pope = benchmarks[0]
     cmd = [sys.executable, "-m", "genllava_jax.sweep", f"--checkpoints={workdir}",
-           f"--benchmark=pope:{':'.join(pope.files)}", "--settings=greedy:max_new_tokens=6",
-           "--settings=short:max_new_tokens=2", f"--out={out}", f"--batch_size={BATCH}",
-           f"--length_buckets={','.join(map(str, buckets))}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "1 cells run, 1 already done, 12 new answers" in proc.stdout
-    md = (out / "results.md").read_text()
-    assert "@0 | short |" in md and "@0 | sample |" in md  # all finished cells, old ones included
-    old = {l for l in (ref / "results.md").read_text().splitlines() if "| greedy |" in l}
-    assert old <= set(md.splitlines())
-    bad = subprocess.run(cmd[:4] + ["--benchmark=nope:x", f"--out={tmp_path / 'x'}"], capture_output=True,
-                         text=True, timeout=600)
-    assert bad.returncode != 0 and "unknown benchmark 'nope'" in bad.stderr
+           f"--benchmark=pope:{':'.join(pope.files)}", *(_settings_flag(k, s) for k, s in SETTINGS.items()),
+           f"--out={out}", f"--batch_size={BATCH}", f"--length_buckets={','.join(map(str, buckets))}"]
+    logs = _run_processes(cmd, 2, 2, tmp_path)
+    assert "2 cells run, 0 already done, 24 new answers" in logs[0]
+    assert "new answers" not in logs[1]  # process 0 alone reports and writes
+    assert _answers(out) == _answers(ref)
+    for name in ("results.md", "results.csv"):
+        assert (out / name).read_text() == (ref / name).read_text()
