@@ -22,7 +22,7 @@ def get_config():
 
     c.data = default_data_config()
     c.data.update(path="runs/demo/data/train.jsonl", tokenizer="runs/demo/data/tokenizer", max_len=48,
-                  image_size=32, num_patches=16, target_image_size=32, num_img_tokens=8)
+                  image_size=32, num_patches=16, target_image_size=16, num_img_tokens=8)
 
     c.data.eval_path = "runs/demo/data/eval.jsonl"  # held-out GVIT file for train.eval_every / train.sample_every
 
@@ -37,7 +37,8 @@ def get_config():
     m.unet = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, heads=(4, 4))
-    m.vae = dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=32,
+    # 16 px images, 8x8x4 latents: a 2-level VAE fits in ~2 CPU minutes; a 32 px 3-level one did not (see README)
+    m.vae = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=16,
                  scaling_factor=1.0)
     m.edit_mode = "semantic"
     m.cond_drop_prob = 0.1
@@ -45,6 +46,7 @@ def get_config():
     m.diffusion_rows = 16  # of 32: about half the synthetic rows have a target image
     m.sample_latents = False  # the demo's VAE is fitted for a minute: its posterior is still wide
     m.snr_gamma = 5.0  # the UNet trains from scratch here: Min-SNR weighting speeds it up
+    m.diffusion_repeats = 2  # and it learns slowest: two noise draws per target image per step
 
     c.init = dict(vae="")  # our-format checkpoints to start parts from (python -m convert ... / the demo's VAE fit)
 

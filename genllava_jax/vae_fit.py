@@ -1,6 +1,6 @@
 """Fits a small AutoencoderKL on a folder of images: the demo's stand-in for SD's pretrained VAE.
 
-Reconstruction MSE + a small KL weight; then `scaling_factor` = 1 / std of the latent means
+Reconstruction L1 + KL at SD's weight (1e-6); then `scaling_factor` = 1 / std of the latent means
 (as SD's 0.18215 was chosen), so the diffusion latents have unit variance.
 """
 
@@ -16,22 +16,26 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
+from genllava_jax.data.pipeline import vae_pixels
 from genllava_jax.models.vae import AutoencoderKL, VAEConfig
 
 
-def load_images(folder, size: int) -> np.ndarray:
-    """float32 (N, size, size, 3) in [-1, 1] from every PNG/JPEG in `folder` (sorted, so deterministic)."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+def load_images(folder, size: int, only=None) -> np.ndarray:
+    """float32 (N, size, size, 3) in [-1, 1] from every PNG/JPEG in `folder` (sorted, so deterministic), or the
+    files named in `only` (relative to `folder`), in that order."""
+    files = ([Path(folder) / n for n in only] if only is not None else
+             sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")))
     if not files:
         raise FileNotFoundError(f"{folder}: no .png/.jpg images")
-    out = [np.asarray(Image.open(f).convert("RGB").resize((size, size)), np.float32) / 127.5 - 1 for f in files]
-    return np.stack(out)
+    return np.stack([vae_pixels(Image.open(f), size) for f in files])  # the training pipeline's resize
 
 
 def fit_vae(cfg: VAEConfig, images: np.ndarray, *, steps: int = 600, batch_size: int = 32, lr: float = 2e-3,
-            kl_weight: float = 1e-4, deterministic: bool = True, seed: int = 0) -> tuple[AutoencoderKL, dict]:
+            kl_weight: float = 1e-6, deterministic: bool = True, seed: int = 0,
+            recon: str = "l1") -> tuple[AutoencoderKL, dict]:
     """With `deterministic`, the decoder learns from the posterior mean (a briefly fitted VAE's posterior is too wide
     to decode samples sharply); the diffusion then uses the mean too (GenLLaVAConfig.sample_latents=False)."""
+    recon_loss = recon
     vae = AutoencoderKL(cfg, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(vae)
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(50, steps // 4), steps, lr * 0.05), weight_decay=0.0)
@@ -43,7 +47,9 @@ def fit_vae(cfg: VAEConfig, images: np.ndarray, *, steps: int = 600, batch_size:
         recon = model.decode(mean if deterministic else model.sample(mean, logvar, rng))
         kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
         mse = jnp.mean(jnp.square(recon - x))
-        return mse + kl_weight * kl, mse
+        # L1, as SD's VAE loss: sharper edges and truer flat colours than MSE's blur
+        rec = jnp.mean(jnp.abs(recon - x)) if recon_loss == "l1" else mse
+        return rec + kl_weight * kl, mse
 
     @jax.jit(donate_argnums=(0, 1))
     def step(params, opt, x, rng):
