@@ -10,7 +10,8 @@ first match wins:
      launch/tpu_pod.py passes because a GCE TPU pod slice is known only from its metadata server;
   3. otherwise one process: nothing to do.
 
-On CPU the cross-process collectives are gloo (set unless another implementation was chosen).
+On CPU the cross-process collectives are gloo (set unless another implementation was chosen), and orbax's barriers go
+through JAX's coordination service rather than a gloo collective.
 """
 
 from __future__ import annotations
@@ -99,4 +100,16 @@ def initialize(mode: str | None = None, **explicit) -> bool:
     if jax.config.jax_cpu_collectives_implementation is None:  # CPU devices need a cross-process transport
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
+    if jax.default_backend() == "cpu":
+        _orbax_barriers_without_collectives()
     return True
+
+
+def _orbax_barriers_without_collectives() -> None:
+    """Orbax's barriers through the coordination service (with a timeout) instead of a collective: a gloo
+    collective fails when one process arrives more than 30 s after another, as after unequal compiles on a busy
+    host."""
+    import orbax.checkpoint  # noqa: F401  defines the flag
+
+    if "experimental_orbax_use_distributed_barrier" in flags.FLAGS:
+        flags.FLAGS.experimental_orbax_use_distributed_barrier = True
