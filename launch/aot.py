@@ -239,6 +239,7 @@ def check(c, devices, *, per_device_batch: int | None = None, eval_step: bool = 
     with jax.set_mesh(mesh):
         log(f"train step: {r['global_batch']} rows on mesh {r['mesh']}, remat {r['remat']}")
         r["train"], traced = compile_report(step, (state, s.frozen, batch), hbm, log)
+        log(f"  compiled in {r['train']['compile_s']:.0f} s: {_memory_line(r['train'])}")
         if count_flops:
             once = flops.jaxpr_flops(traced.jaxpr.jaxpr, scale_loops=False)
             every = flops.jaxpr_flops(traced.jaxpr.jaxpr)
