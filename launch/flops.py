@@ -92,9 +92,10 @@ def analytic(model, cfg, *, rows: int, seq_len: int, target_px: int, trainable: 
     N = len(cfg.img_token_ids)
     head_fwd = _forward_flops(model.head, sds(Bd, N, llm.hidden_size), sds(Bd, N, llm.hidden_size))
     side = target_px // 2 ** (len(cfg.vae.block_out_channels) - 1)
-    unet_fwd = _forward_flops(model.unet, sds(Bd, side, side, cfg.unet.in_channels),
-                              jax.ShapeDtypeStruct((Bd,), jax.numpy.int32),
-                              sds(Bd, cfg.head.num_query_tokens, cfg.unet.cross_attention_dim))
+    Bu = Bd * cfg.diffusion_repeats  # noise draws per target image
+    unet_fwd = _forward_flops(model.unet, sds(Bu, side, side, cfg.unet.in_channels),
+                              jax.ShapeDtypeStruct((Bu,), jax.numpy.int32),
+                              sds(Bu, cfg.head.num_query_tokens, cfg.unet.cross_attention_dim))
     vae_fwd = _forward_flops(model.vae, sds(Bd, target_px, target_px, 3), call=lambda m, x: m.latents(x))
     vae_fwd *= 2 if cfg.edit_mode == "latent_concat" else 1  # the source image too
 
