@@ -156,7 +156,10 @@ class TensorReader:
         elif binary.exists():
             import torch  # pickles are read only with weights_only=True: no code runs from the file
 
-            self._torch = torch.load(binary, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                self._torch = torch.load(binary, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # anything but plain tensors (code to run, unknown classes) is refused
+                raise ConversionError(f"{binary}: cannot be read with torch.load(weights_only=True) ({e})") from e
             self._files = {k: binary for k in self._torch}
         else:
             raise ConversionError(f"{self.folder}: no {single.name}, {index.name} or {binary.name} found")

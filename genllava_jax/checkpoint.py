@@ -2,15 +2,24 @@
 
 Restoring builds the model abstractly (`nnx.eval_shape`), gives every parameter the sharding the rules assign on
 the requested mesh, and lets orbax read each shard straight onto its devices.
+
+Training checkpoints (train state + frozen params + data iterator) carry a checksum of every array in their
+metadata, and are never written with a non-finite value. Restoring takes the newest step that reads back whole
+and matches its checksums; a partial or corrupt step (unfinished save, missing metadata, truncated or deleted
+array file, changed bytes) is reported by step and problem and moved aside to `corrupt_checkpoints/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -55,19 +64,66 @@ def load_module(path, mesh=None, rules=None, **overrides) -> nnx.Module:
 # Training checkpoints: train state + frozen params + data iterator, with orbax's CheckpointManager.
 
 
-def train_manager(directory, save_every: int, keep: int) -> ocp.CheckpointManager:
-    """Async saves every `save_every` steps, the newest `keep` kept; every host joins (orbax coordinates them)."""
+def train_manager(directory, save_every: int, keep: int, log=print) -> ocp.CheckpointManager:
+    """Async saves every `save_every` steps, the newest `keep` kept; every host joins (orbax coordinates them).
+
+    Unfinished saves (orbax's temporary folders, left by a kill during a save) are reported and removed.
+    """
+    directory = Path(directory).absolute()
+    if jax.process_index() == 0:
+        for tmp in sorted(directory.glob("*.orbax-checkpoint-tmp*")):
+            log(f"checkpoint {tmp.name}: an unfinished save (the run was killed while writing it); removed")
+            shutil.rmtree(tmp)
     options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
                                            enable_async_checkpointing=True, create=True)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def _leaf_paths(tree) -> list[str]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves]
+
+
+@jax.jit
+def _fingerprint(tree):
+    """Per array: a position-weighted sum of its bits (uint32, wrapping) and whether it is all finite.
+
+    Integer sums are exact and order-free, so the value does not depend on the sharding it is computed under.
+    """
+    def one(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        if x.dtype == jnp.bool_:
+            bits = x.astype(jnp.uint32)
+        else:
+            bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
+        weight = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) * np.uint32(0x9E3779B1) + np.uint32(1)
+        finite = jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+        return jnp.sum(bits.astype(jnp.uint32) * weight, dtype=jnp.uint32), finite
+
+    return [one(x) for x in jax.tree.leaves(tree)]
+
+
+def fingerprint(tree) -> tuple[dict[str, int], list[str]]:
+    """({array path: checksum}, [paths of arrays holding inf or nan]) of a pytree of arrays."""
+    out = jax.device_get(_fingerprint(tree))
+    paths = _leaf_paths(tree)
+    return {p: int(c) for p, (c, _) in zip(paths, out)}, [p for p, (_, ok) in zip(paths, out) if not ok]
 
 
 def save_train(mngr: ocp.CheckpointManager, step: int, state, frozen, data_iter, force: bool = False) -> bool:
+    """Saves (asynchronously) if the step is due or `force`; refuses non-finite values (FloatingPointError)."""
     import grain
 
+    if not force and not mngr.should_save(step):
+        return False
+    checksums, non_finite = fingerprint({"state": state, "frozen": frozen})
+    if non_finite:
+        raise FloatingPointError(f"step {step}: non-finite values in {non_finite[:5]}: not saving this checkpoint "
+                                 f"(the newest saved is step {mngr.latest_step()})")
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), frozen=ocp.args.StandardSave(frozen),
                               data=grain.checkpoint.CheckpointSave(data_iter))
-    return mngr.save(step, args=args, force=force)
+    return mngr.save(step, args=args, force=force, custom_metadata={"checksums": checksums})
 
 
 def restore_train(mngr: ocp.CheckpointManager, step: int, state_target, frozen_target, data_iter):
@@ -79,6 +135,66 @@ def restore_train(mngr: ocp.CheckpointManager, step: int, state_target, frozen_t
                               data=grain.checkpoint.CheckpointRestore(data_iter))
     out = mngr.restore(step, args=args)
     return out["state"], out["frozen"]
+
+
+def _check_step(mngr, step, state_target, frozen_target, data_iter, log):
+    """((state, frozen), None) if the step reads back whole and matches its checksums, else (None, the problem)."""
+    meta = mngr.directory / str(step) / "_CHECKPOINT_METADATA"  # written last, when the save is finalised
+    if not meta.exists():
+        return None, "its _CHECKPOINT_METADATA file is missing"
+    try:
+        saved = (json.loads(meta.read_text()).get("custom_metadata") or {}).get("checksums")
+    except (ValueError, AttributeError) as e:
+        return None, f"its _CHECKPOINT_METADATA file is unreadable ({e})"
+    try:
+        state, frozen = restore_train(mngr, step, state_target, frozen_target, data_iter)
+    except Exception as e:  # orbax / tensorstore / json raise many kinds for missing or truncated files
+        return None, f"it cannot be read: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    if saved is None:
+        log(f"checkpoint step {step} was saved without checksums; restored unverified")
+        return (state, frozen), None
+    got, _ = fingerprint({"state": state, "frozen": frozen})
+    changed = sorted(p for p in saved.keys() | got.keys() if saved.get(p) != got.get(p))
+    if changed:
+        return None, (f"checksum mismatch in {len(changed)} arrays, e.g. {changed[:3]} (the files changed after the "
+                      f"save)")
+    return (state, frozen), None
+
+
+def _all_hosts_ok(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.int32(ok)).min())
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state_target, frozen_target, data_iter, log=print):
+    """(state, frozen, step) of the newest usable checkpoint, the data iterator restored in place; None if there are
+    no checkpoints. Unusable steps are reported and moved to `<directory>/../corrupt_checkpoints/`."""
+    problems = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        out, problem = _check_step(mngr, step, state_target, frozen_target, data_iter, log)
+        if not _all_hosts_ok(out is not None):
+            problem = problem or "it cannot be read on another host"
+        if problem is None:
+            return (*out, step)
+        problems.append(f"step {step}: {problem}")
+        dest = mngr.directory.parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
+        log(f"checkpoint step {step} is unusable: {problem}; moved to {dest}; trying an older one")
+        if jax.process_index() == 0:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            (mngr.directory / str(step)).rename(dest)  # out of the way: this step number is saved again later
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"moved checkpoint {step}")
+        mngr.reload()
+    if problems:
+        raise RuntimeError(f"no usable checkpoint in {mngr.directory}: {'; '.join(problems)}. They were moved to "
+                           f"{mngr.directory.parent / 'corrupt_checkpoints'}; rerun to start from step 0, or "
+                           f"move one back if it can be repaired")
+    return None
 
 
 def restore_target(abstract, shardings):

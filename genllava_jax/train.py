@@ -5,7 +5,9 @@
 The model is split once into (graphdef, trainable params, frozen params, other state). The step is a plain
 `jax.jit` over pure functions with explicit in/out shardings from the logical-axis rules; the train state
 (trainable params, optimizer state, step, rng) is donated, frozen parameters are not and never change. A step whose
-loss or gradient norm is not finite is skipped (state unchanged) and counted.
+loss or gradient norm is not finite is skipped (state unchanged) and counted in the state, so the count survives a
+restart. The loop checks the config at start-up (`config_check`), stops cleanly on SIGTERM (a checkpoint at the
+next step boundary, `preemption`) and resumes from the newest checkpoint that reads back whole (`checkpoint`).
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def _opt_shardings(abs_opt, abs_params, param_shardings, mesh):
 
 def init_state(params, *, tx, seed: int):
     return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.PRNGKey(seed)}
+            "rng": jax.random.PRNGKey(seed), "skipped": jnp.zeros((), jnp.int32)}
 
 
 def state_shardings(params, tx, mesh):
@@ -97,7 +99,7 @@ def state_shardings(params, tx, mesh):
     abs_opt = jax.eval_shape(tx.init, params)
     replicated = NamedSharding(mesh, P())
     return {"params": param_sh, "opt": _opt_shardings(abs_opt, params, param_sh, mesh), "step": replicated,
-            "rng": replicated}
+            "rng": replicated, "skipped": replicated}
 
 
 def setup(model: nnx.Module, tc, mesh, seed: int = 0):
@@ -158,9 +160,12 @@ def train_step(state, frozen, batch, *, graphdef, rest, tx, schedule, accum: int
     updates, opt = tx.update(grads, state["opt"], state["params"])
     new = {"params": optax.apply_updates(state["params"], updates), "opt": opt, "step": state["step"] + 1,
            "rng": state["rng"]}
+    # known before the update, so XLA fuses update and select leaf by leaf (no second copy of the state); with a
+    # finite gradient norm and learning rate the update is finite, and checkpoints refuse non-finite values anyway
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new["params"], new["opt"] = jax.tree.map(lambda a, b: jnp.where(ok, a, b), (new["params"], new["opt"]),
                                              (state["params"], state["opt"]))
+    new["skipped"] = state["skipped"] + (~ok).astype(jnp.int32)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "skipped": (~ok).astype(jnp.int32),
                **aux}
     return new, metrics
@@ -256,9 +261,10 @@ def build(c, mesh=None):
 
 
 def run(c, workdir, *, mesh=None, stop_after: int | None = None) -> dict:
-    """Trains for `c.train.steps` (resuming from the newest checkpoint in workdir); returns the last metrics.
+    """Trains for `c.train.steps` (resuming from the newest usable checkpoint in workdir); returns the last metrics.
 
-    `stop_after` ends the loop early after that many steps of this call (tests use it to simulate a crash).
+    SIGTERM (preemption) saves a checkpoint at the next step boundary and returns; rerunning resumes. `stop_after`
+    ends the loop early after that many steps of this call (tests use it to simulate a crash).
     """
     import json
     import time
@@ -266,63 +272,87 @@ def run(c, workdir, *, mesh=None, stop_after: int | None = None) -> dict:
 
     from tqdm import tqdm
 
-    from genllava_jax import checkpoint
-    from genllava_jax.data.pipeline import make_dataset
+    from genllava_jax import checkpoint, config_check
+    from genllava_jax.data.pipeline import global_counts, make_dataset
     from genllava_jax.metrics import MetricWriter
+    from genllava_jax.preemption import Preemption
 
+    config_check.validate(c)
     workdir = Path(workdir)
     tc = c.train
     if tc.batch_size % (tc.accum * jax.process_count()):
         raise ValueError(f"train.batch_size={tc.batch_size} must divide by train.accum={tc.accum} × "
                          f"{jax.process_count()} processes")
+    mesh = shd.make_mesh(dict(c.mesh)) if mesh is None else mesh
+    config_check.check_batch(tc, mesh)
     cfg, model, tokenizer, mesh = build(c, mesh)
     state, s = setup(model, tc, mesh, c.seed)
     del model
     data, info = make_dataset(c.data, tokenizer, global_batch=tc.batch_size, seed=c.seed)
+    log = (lambda msg: print(msg, flush=True)) if jax.process_index() == 0 else (lambda msg: None)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
         (workdir / "model_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    mngr = checkpoint.train_manager(workdir / "checkpoints", tc.checkpoint_every, tc.keep_checkpoints)
-    if mngr.latest_step() is not None:
-        state, s.frozen = checkpoint.restore_train(mngr, mngr.latest_step(), checkpoint.abstract_like(state),
-                                                   checkpoint.abstract_like(s.frozen), data)
-        print(f"resumed from step {int(state['step'])} ({workdir / 'checkpoints'})", flush=True)
+    mngr = checkpoint.train_manager(workdir / "checkpoints", tc.checkpoint_every, tc.keep_checkpoints, log)
+    restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(state), checkpoint.abstract_like(s.frozen),
+                                         data, log)
+    if restored is not None:
+        state, s.frozen, ckpt_step = restored
+        log(f"resumed from step {ckpt_step} ({workdir / 'checkpoints'}); {int(state['skipped'])} steps skipped "
+            f"so far; data {dict(info.counts.skipped) or 'all usable'}")
     step_fn = jit_train_step(s, tc.accum)
     writer = MetricWriter(workdir)
     start = int(state["step"])
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
-    skipped_total, row, t_last, acc = 0, {}, time.time(), None
-    with jax.set_mesh(mesh):
-        for step in tqdm(range(start, end), initial=start, total=tc.steps, desc="train",
-                         disable=jax.process_index() != 0):
-            batch = to_global(next(data), s)
-            state, metrics = step_fn(state, s.frozen, batch)
-            acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
-            done = step + 1
-            if done % tc.log_every == 0 or done == end:
-                host = jax.device_get(acc)
-                count = (done - 1) % tc.log_every + 1
-                dt = time.time() - t_last
-                avg = {k: float(v) / count for k, v in host.items() if k not in ("tokens", "images", "skipped")}
-                skipped_total += int(host["skipped"])
-                row = writer.write(done, {**avg, "skipped_steps": skipped_total,
-                                          "tokens_per_s": float(host["tokens"]) / dt,
-                                          "images_per_s": float(host["images"]) / dt,
-                                          **{f"data_skipped/{k}": v for k, v in info.skipped.items()}})
-                if skipped_total > tc.max_skipped_steps:
-                    raise FloatingPointError(f"{skipped_total} steps had a non-finite loss or gradient (limit "
-                                             f"train.max_skipped_steps={tc.max_skipped_steps}); stopping before "
-                                             f"anything non-finite is written")
-                acc, t_last = None, time.time()
-            if tc.eval_every and done % tc.eval_every == 0 and c.data.get("eval_path"):
-                writer.write(done, evaluate_loss(c, state, s, tokenizer), prefix="eval/")
-            if tc.sample_every and done % tc.sample_every == 0 and jax.process_index() == 0:
-                save_samples(c, merged_model(state, s), tokenizer, workdir / "samples" / f"step_{done:07d}.png")
-            checkpoint.save_train(mngr, done, state, s.frozen, data, force=done == tc.steps)
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
+    num_records = sum(info.num_records.values())  # all sources, all processes
+    epoch = global_counts(info.counts).read // num_records
+    row, t_last, acc = {}, time.time(), None
+    try:
+        with jax.set_mesh(mesh), Preemption() as preempted:
+            for step in tqdm(range(start, end), initial=start, total=tc.steps, desc="train",
+                             disable=jax.process_index() != 0):
+                batch = to_global(next(data), s)
+                state, metrics = step_fn(state, s.frozen, batch)
+                acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+                done = step + 1
+                stop = preempted(done)  # every host asks, every step: they all stop at the same one
+                if done % tc.log_every == 0 or done == end or stop:
+                    host = jax.device_get(acc)
+                    count = done - max(start, (done - 1) // tc.log_every * tc.log_every)
+                    dt = time.time() - t_last
+                    avg = {k: float(v) / count for k, v in host.items() if k not in ("tokens", "images", "skipped")}
+                    skipped_total = int(state["skipped"])  # in the state: counted across restarts
+                    counts = global_counts(info.counts)
+                    row = writer.write(done, {
+                        **avg, "skipped_steps": skipped_total, "tokens_per_s": float(host["tokens"]) / dt,
+                        "images_per_s": float(host["images"]) / dt, "data_epoch": counts.read / num_records,
+                        "data_truncated": counts.fixed["truncated"],
+                        **{f"data_skipped/{k}": v for k, v in sorted(counts.skipped.items())}})
+                    if skipped_total > tc.max_skipped_steps:
+                        raise FloatingPointError(
+                            f"{skipped_total} steps had a non-finite loss or gradient (limit train."
+                            f"max_skipped_steps={tc.max_skipped_steps}); stopping at step {done}. Parameters were "
+                            f"never updated with non-finite values; the newest checkpoint is step "
+                            f"{mngr.latest_step()}. Lower train.lr, check the data, or raise the limit.")
+                    if counts.read // num_records > epoch:
+                        epoch = counts.read // num_records
+                        log(f"data epoch {epoch} done at step {done}: {counts.read} records read, skipped "
+                            f"{dict(counts.skipped) or 'none'}, truncated {counts.fixed['truncated']}")
+                    acc, t_last = None, time.time()
+                if tc.eval_every and done % tc.eval_every == 0 and c.data.get("eval_path"):
+                    writer.write(done, evaluate_loss(c, state, s, tokenizer), prefix="eval/")
+                if tc.sample_every and done % tc.sample_every == 0 and jax.process_index() == 0:
+                    save_samples(c, merged_model(state, s), tokenizer, workdir / "samples" / f"step_{done:07d}.png")
+                checkpoint.save_train(mngr, done, state, s.frozen, data, force=done == tc.steps or stop)
+                if stop:
+                    log(f"preempted (SIGTERM): saving the checkpoint of step {done} and exiting; run the same "
+                        f"command again to resume")
+                    break
+    finally:  # an error still lets a save in flight finish
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
     return row
 
 
