@@ -18,8 +18,9 @@ from pathlib import Path
 from absl import app, flags
 
 
-def load_assistant(workdir):
-    """An infer.Assistant on the newest checkpoint of a training workdir."""
+def load_assistant(workdir, mesh=None, length_buckets=None):
+    """(infer.Assistant on the newest checkpoint of a training workdir, its config); with a mesh, params are
+    restored straight into the rules' shardings on it (one device by default)."""
     import ml_collections
 
     from genllava_jax import infer, train
@@ -32,8 +33,9 @@ def load_assistant(workdir):
     tok_dir = Path(c.data.tokenizer)
     if not tok_dir.exists():
         raise FileNotFoundError(f"{tok_dir}: the run's tokenizer (data.tokenizer in {workdir / 'config.json'}) is gone")
-    model, _ = train.load_trained(workdir)
-    return infer.Assistant(model, load_tokenizer(str(tok_dir), c.data.num_img_tokens), c.data), c
+    model, _ = train.load_trained(workdir, mesh)
+    kw = {} if length_buckets is None else {"length_buckets": tuple(length_buckets)}
+    return infer.Assistant(model, load_tokenizer(str(tok_dir), c.data.num_img_tokens), c.data, **kw), c
 
 
 def define_flags():

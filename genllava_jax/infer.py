@@ -178,6 +178,11 @@ class Assistant:
             self.stream(text[len(self._text):])
             self._text = text
 
+    def text(self, tokens) -> str:
+        """An answer's text: its tokens without the stop token ([SOI] or </s>) and special tokens."""
+        keep = [int(t) for t in tokens if int(t) not in (self.ids.eos, self.ids.soi)]
+        return self.tokenizer.decode(keep, skip_special_tokens=True).strip()
+
     def reply(self, prompts: list[list[int]], pil_images: list, settings: Settings = Settings(), *,
               force_image: bool = False) -> list[Reply]:
         """Answers to a batch of prompts; rows whose answer ends in [SOI] (all rows with `force_image`) also get
@@ -194,8 +199,7 @@ class Assistant:
         for b, (toks, n) in enumerate(zip(out.tokens, out.lengths)):
             toks = [int(t) for t in toks[:n]]
             wants = bool(toks) and toks[-1] == ids.soi
-            text = self.tokenizer.decode([t for t in toks if t not in (ids.eos, ids.soi)], skip_special_tokens=True)
-            replies.append(Reply(text.strip(), toks))
+            replies.append(Reply(self.text(toks), toks))
             if wants or force_image:
                 body = toks[:-1] if wants else [t for t in toks if t != ids.eos]
                 gen_rows.append((b, prompts[b] + body + list(ids.generation)))

@@ -42,7 +42,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from genllava_jax import infer, sharding as shd
+from genllava_jax import cli, infer, sharding as shd
 from genllava_jax.evaluate import BENCHMARKS, Item, answer_record, read_answers, read_benchmark, score, write_answers
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -121,23 +121,6 @@ def latest_step(workdir) -> int:
     if step is None:
         raise FileNotFoundError(f"{root}: no checkpoint")
     return int(step)
-
-
-def load_assistant(workdir, mesh, length_buckets) -> infer.Assistant:
-    """The assistant on the workdir's newest checkpoint, its params restored straight into the rules' shardings
-    on `mesh` (replicated on a data-only mesh)."""
-    import ml_collections
-
-    from genllava_jax import train
-    from genllava_jax.data.tokenizer import load_tokenizer
-
-    c = ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
-    if not Path(c.data.tokenizer).exists():
-        raise FileNotFoundError(f"{c.data.tokenizer}: the run's tokenizer (data.tokenizer in {workdir}/config.json) "
-                                f"is gone")
-    model, _ = train.load_trained(workdir, mesh)
-    return infer.Assistant(model, load_tokenizer(str(c.data.tokenizer), c.data.num_img_tokens), c.data,
-                           length_buckets=length_buckets)
 
 
 # --- one cell ----------------------------------------------------------------------------------------------------
@@ -227,12 +210,6 @@ class CellRunner:
                              pad_id=ids.pad, temperature=float(settings.temperature), top_p=float(settings.top_p),
                              on_token=None)
 
-    def text(self, tokens, n) -> str:
-        """As Assistant.reply: the answer's text without its stop token."""
-        ids = self.assistant.ids
-        keep = [int(t) for t in tokens[:n] if int(t) not in (ids.eos, ids.soi)]
-        return self.assistant.tokenizer.decode(keep, skip_special_tokens=True).strip()
-
     def run(self, items: Sequence[Item], prompts, settings: infer.Settings, answers: Path, model_id: str,
             desc: str = "") -> dict[str, str]:
         """Every item's answer (by key) on process 0; batches whose items are all in `answers` are skipped."""
@@ -250,7 +227,7 @@ class CellRunner:
                 new = []
                 for r, i in enumerate(batch.rows):
                     if items[i].key not in answered:
-                        answered[items[i].key] = self.text(tokens[r], lengths[r])
+                        answered[items[i].key] = self.assistant.text(tokens[r][:lengths[r]])
                         rec = answer_record(items[i], answered[items[i].key], model_id)
                         rec["metadata"]["key"] = items[i].key
                         new.append(rec)
@@ -416,7 +393,7 @@ def run(checkpoints: Sequence[str], benchmarks: Sequence[Benchmark], settings: M
         summary.cells_skipped += len(cells) - len(todo)
         if not todo:
             continue
-        assistant = load_assistant(path, mesh, buckets)
+        assistant = cli.load_assistant(path, mesh, buckets)[0]
         runner = CellRunner(assistant, mesh, batch_size)
         prompts = {}
         for i in todo:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from genllava_jax import checkpoint, infer, sweep, train
+from genllava_jax import checkpoint, cli, infer, sweep, train
 from genllava_jax.data.pipeline import make_dataset
 from genllava_jax.evaluate import read_benchmark, synthetic
 from test_genllava import data_dir, micro_config, single_mesh  # noqa: F401  (fixture)
@@ -67,7 +67,7 @@ def benchmarks(data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_device(workdir):
-    return sweep.load_assistant(workdir, single_mesh(), sweep.DEFAULT_BUCKETS)
+    return cli.load_assistant(workdir, single_mesh(), sweep.DEFAULT_BUCKETS)[0]
 
 
 @pytest.fixture(scope="module")
