@@ -26,3 +26,6 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/decode.py
+	$(PY) bench/sample.py
+	$(PY) bench/eval.py
+	$(PY) bench/train_step.py

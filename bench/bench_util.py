@@ -24,3 +24,19 @@ def record(name: str, command: str, header: list[str], row: list[str], note: str
     text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     path.write_text(text)
     return section
+
+
+def tiny_config(world: Path, num_train: int = 64, num_eval: int = 200):
+    """configs/tiny.py pointed at a new synthetic world written to `world` (the benchmarks' default model)."""
+    import importlib.util
+
+    from genllava_jax.data.synthetic import make_synthetic
+
+    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    c = tiny.get_config()
+    make_synthetic(world, num_train=num_train, num_eval=num_eval, image_size=c.data.image_size,
+                   num_img_tokens=c.data.num_img_tokens)
+    c.data.update(path=str(world / "train.jsonl"), tokenizer=str(world / "tokenizer"))
+    return c

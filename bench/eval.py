@@ -25,27 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_util import record
+from bench_util import record, tiny_config
 
 
 def fresh_tiny(tmp: Path, mesh, buckets):
     """(Assistant on configs/tiny.py freshly initialised, its synthetic world) when no trained run is given."""
-    import importlib.util
-
-    from bench_util import ROOT
     from genllava_jax import infer, train
-    from genllava_jax.data.synthetic import make_synthetic
 
-    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    c = tiny.get_config()
-    world = tmp / "world"
-    make_synthetic(world, num_train=64, num_eval=200, image_size=c.data.image_size,
-                   num_img_tokens=c.data.num_img_tokens)
-    c.data.update(path=str(world / "train.jsonl"), tokenizer=str(world / "tokenizer"))
+    c = tiny_config(tmp / "world")
     _, model, tokenizer, _ = train.build(c, mesh)
-    return infer.Assistant(model, tokenizer, c.data, length_buckets=buckets), world
+    return infer.Assistant(model, tokenizer, c.data, length_buckets=buckets), tmp / "world"
 
 
 def hf_model(model, folder: Path):
@@ -114,7 +103,7 @@ def main():
     import jax
     import torch
 
-    from genllava_jax import infer, sharding, sweep
+    from genllava_jax import cli, infer, sharding, sweep
     from genllava_jax.evaluate import read_benchmark, score, synthetic
 
     load = os.getloadavg()
@@ -123,7 +112,7 @@ def main():
     buckets = (32, 48, 64, 96, 128)
     if a.workdir:
         world = Path(json.loads((Path(a.workdir) / "config.json").read_text())["data"]["path"]).parent
-        assistant = sweep.load_assistant(a.workdir, mesh, buckets)
+        assistant = cli.load_assistant(a.workdir, mesh, buckets)[0]
         what = f"{a.workdir}"
     else:
         assistant, world = fresh_tiny(tmp, mesh, buckets)
@@ -141,14 +130,15 @@ def main():
     ours_s = time.perf_counter() - t0
     ours = [ours[it.key] for it in items]
 
+    text = lambda tokens, n: assistant.text(tokens[:n])
     hf = hf_model(assistant.model, tmp / "hf")
     batches = sweep.plan(prompts, items, a.batch, assistant.length_buckets)
     hf_s, threads = float("inf"), torch.get_num_threads()
     for n in sorted({1, threads}):  # torch's OpenMP threads crawl on a shared machine: HF gets the faster count
         torch.set_num_threads(n)
-        hf_answers(assistant, hf, items, prompts, batches[:1], a.new, runner.text)  # warm-up
+        hf_answers(assistant, hf, items, prompts, batches[:1], a.new, text)  # warm-up
         t0 = time.perf_counter()
-        answers = hf_answers(assistant, hf, items, prompts, batches, a.new, runner.text)
+        answers = hf_answers(assistant, hf, items, prompts, batches, a.new, text)
         dt = time.perf_counter() - t0
         if dt < hf_s:
             hf_s, theirs, threads = dt, answers, n

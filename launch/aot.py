@@ -390,7 +390,8 @@ def main(argv):
     else:
         c = configure(c, remat=F.remat, mesh=dict(kv.split("=") for kv in F.mesh.split(",")) if F.mesh else None)
         per_device = F.per_device_batch
-    print(format_report(check(c, devices, per_device_batch=per_device, log=progress)), flush=True)
+    print(format_report(check(c, devices, per_device_batch=per_device, eval_step=F.eval_step, log=progress)),
+          flush=True)
 
 
 if __name__ == "__main__":
@@ -404,6 +405,7 @@ if __name__ == "__main__":
                       f"remat policy of {REMAT_PARTS} (default: the config's)")
     flags.DEFINE_integer("per_device_batch", None, "rows per batch shard (default: the config's train.batch_size "
                                                    "as the global batch)")
+    flags.DEFINE_bool("eval_step", True, "also compile the eval step (--noeval_step: the train step only)")
     flags.DEFINE_bool("search", False, "search mesh shapes, remat policies and the per-device batch")
     flags.DEFINE_list("remats", ["full", "dots_with_no_batch_dims_saveable"], "remat policies --search tries")
     flags.mark_flags_as_required(["config", "topology"])

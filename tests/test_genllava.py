@@ -93,7 +93,7 @@ def test_diffusion_loss_reaches_qformer_img_embeddings_and_llm(built):
     batch = {k: jnp.asarray(v) for k, v in fixed_batch(c, tokenizer).items()}
     assert bool(batch["has_target"].any())
     graphdef, params = nnx.split(model, nnx.Param)
-    grads = jax.grad(lambda p: nnx.merge(graphdef, p).loss(batch, jax.random.key(0))[1]["mse"])(params)
+    grads = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p).loss(batch, jax.random.key(0))[1]["mse"]))(params)
     norm = lambda tree: float(optax.global_norm(tree))
     assert norm(grads["head"]) > 0
     assert norm(grads["llm"]["layers"]) > 0
@@ -209,10 +209,14 @@ def test_diffusion_repeats_equal_duplicated_rows(built):
     model = fresh()
     batch = {k: np.asarray(v) for k, v in fixed_batch(c, tokenizer, n=4).items() if not k.startswith("_")}
     dup = {k: np.repeat(v, 2, axis=0) for k, v in batch.items()}
-    model.cfg = cfg.replace(cond_drop_prob=0.0, diffusion_repeats=2)
-    loss_rep, m_rep = model.loss(batch, jax.random.key(1))
-    model.cfg = cfg.replace(cond_drop_prob=0.0, diffusion_repeats=1)
-    loss_dup, m_dup = model.loss(dup, jax.random.key(1))
+
+    def loss(b, **kw):  # jitted: op-by-op the loss takes a minute
+        model.cfg = cfg.replace(cond_drop_prob=0.0, **kw)
+        graphdef, state = nnx.split(model)
+        return jax.jit(lambda s: nnx.merge(graphdef, s).loss(b, jax.random.key(1)))(state)
+
+    loss_rep, m_rep = loss(batch, diffusion_repeats=2)
+    loss_dup, m_dup = loss(dup, diffusion_repeats=1)
     np.testing.assert_allclose(float(loss_rep), float(loss_dup), rtol=1e-5)
     np.testing.assert_allclose(float(m_rep["mse"]), float(m_dup["mse"]), rtol=1e-5)
     assert float(m_rep["images"]) == batch["has_target"].sum() and float(m_dup["images"]) == 2 * float(m_rep["images"])
