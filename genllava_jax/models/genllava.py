@@ -159,7 +159,7 @@ class GenLLaVA(nnx.Module):
         r_noise, r_t, r_drop, r_vae = jax.random.split(rng, 4)
         h, e, found = self.img_states(ids, out.hidden, embeds)
         has = batch["has_target"] & found
-        target_image, source_image = batch["target_image"], batch["source_image"]
+        target_image, source_image = jnp.asarray(batch["target_image"]), jnp.asarray(batch["source_image"])
         if cfg.diffusion_rows:
             rows = jnp.argsort(~has, stable=True)[:cfg.diffusion_rows]
             h, e, has, target_image, source_image = (x[rows] for x in (h, e, has, target_image, source_image))
