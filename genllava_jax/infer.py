@@ -109,11 +109,30 @@ def images(model, batch: dict, *, rng=None, num_steps: int = 50, guidance_scale:
     s = model.cfg.vae.sample_size
     x = {"source_image": np.zeros((B, s, s, 3), np.float32), **{k: batch[k] for k in (
         "input_ids", "attention_mask", "image", "has_image", "source_image") if k in batch}}
-    out = _images(graphdef, state, {k: jnp.asarray(v) for k, v in x.items()},
+    out = _images(graphdef, state, on_model_devices(x, state),
                   jax.random.key(0) if rng is None else rng, jnp.float32(guidance_scale),
                   jnp.float32(image_guidance_scale), sampler=SAMPLERS[sampler](model.cfg.schedule),
                   num_steps=num_steps)
-    return np.asarray((np.asarray(out) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    return np.asarray((to_host(out) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+def on_model_devices(batch: dict, state) -> dict:
+    """Host arrays as jax arrays for a jitted call with the model's `state`. One process: the default device.
+    Several: replicated over the model's mesh, which spans every host (each process passes the same rows)."""
+    if jax.process_count() == 1:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    mesh = next(x.sharding.mesh for x in jax.tree.leaves(state) if isinstance(x.sharding, jax.NamedSharding))
+    replicated = jax.NamedSharding(mesh, jax.P())
+    return {k: jax.make_array_from_process_local_data(replicated, np.asarray(v)) for k, v in batch.items()}
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of `x` on this host, also when its shards live on other hosts' devices."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @dataclasses.dataclass(frozen=True)

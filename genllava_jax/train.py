@@ -342,7 +342,7 @@ def run(c, workdir, *, mesh=None, stop_after: int | None = None) -> dict:
                     acc, t_last = None, time.time()
                 if tc.eval_every and done % tc.eval_every == 0 and c.data.get("eval_path"):
                     writer.write(done, evaluate_loss(c, state, s, tokenizer), prefix="eval/")
-                if tc.sample_every and done % tc.sample_every == 0 and jax.process_index() == 0:
+                if tc.sample_every and done % tc.sample_every == 0:  # every host samples: the model spans them
                     save_samples(c, merged_model(state, s), tokenizer, workdir / "samples" / f"step_{done:07d}.png")
                 checkpoint.save_train(mngr, done, state, s.frozen, data, force=done == tc.steps or stop)
                 if stop:
@@ -363,11 +363,16 @@ def evaluate_loss(c, state, s: Setup, tokenizer) -> dict:
     data_cfg = c.data.copy_and_resolve_references()
     data_cfg.path = c.data.eval_path
     it, _ = make_dataset(data_cfg, tokenizer, global_batch=c.train.batch_size, seed=c.seed, train=False)
-    eval_fn, out, n = jit_eval_step(s), None, 0
-    for _, batch in zip(range(c.train.eval_batches), it):
+    batches = [b for _, b in zip(range(c.train.eval_batches), it)]
+    n = len(batches)
+    if jax.process_count() > 1:  # every host must run every step: as many batches as the shortest share holds
+        from jax.experimental import multihost_utils
+
+        n = int(np.min(multihost_utils.process_allgather(np.int32(n))))
+    eval_fn, out = jit_eval_step(s), None
+    for batch in batches[:n]:
         m = eval_fn(state["params"], s.frozen, to_global(batch, s), jax.random.PRNGKey(c.seed))
         out = m if out is None else jax.tree.map(jnp.add, out, m)
-        n += 1
     return {k: float(v) / n for k, v in jax.device_get(out).items()} if n else {}
 
 
@@ -389,6 +394,8 @@ def save_samples(c, model, tokenizer, path) -> None:
     batch = {k: v[rows] for k, v in batch.items()}
     images = infer.images(model, batch, num_steps=c.sample.num_steps, guidance_scale=c.sample.guidance_scale,
                           sampler=c.sample.sampler)
+    if jax.process_index() != 0:
+        return
     targets = ((batch["target_image"] + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(infer.image_grid(np.concatenate([targets, images]), cols=len(rows))).save(path)

@@ -169,6 +169,8 @@ def test_two_processes_checkpoint_restart_and_match_one_process(data_dir, tmp_pa
     assert [r["step"] for r in _rows(workdir) if "loss" in r] == list(range(1, 7))
     assert not any(" loss " in line for log in (first[1], second[1]) for line in log.splitlines())
     np.testing.assert_allclose(losses, reference, rtol=1e-5, atol=1e-5)
+    assert [r["step"] for r in _rows(workdir) if "eval/ce" in r] == [3, 6]
+    assert {p.name for p in (workdir / "samples").iterdir()} == {"step_0000003.png", "step_0000006.png"}
 
 
 @pytest.mark.slow
@@ -181,7 +183,12 @@ def test_orbax_round_trip_across_processes_that_arrive_far_apart(tmp_path):
 
 def _train_worker(world, workdir, stop_after=None):
     jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py does for the reference
-    train.run(config(world), workdir, stop_after=None if stop_after is None else int(stop_after))
+    c = config(world)
+    # eval losses and sample grids of a model that spans both hosts: every process must take part in each
+    c.data.eval_path = str(Path(world) / "eval.jsonl")
+    c.train.update(eval_every=3, eval_batches=2, sample_every=3)
+    c.sample.num_steps = 2
+    train.run(c, workdir, stop_after=None if stop_after is None else int(stop_after))
 
 
 def _orbax_worker(directory):
