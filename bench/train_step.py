@@ -150,8 +150,8 @@ def main():
               "fraction of matmul peak ours / torch", "our compile s"]
     row = [f"configs/tiny.py (SigLIP {cfg.vision.num_layers}L×{cfg.vision.hidden_size}, Mistral "
            f"{l.num_layers}L×{l.hidden_size}, Q-former {cfg.head.num_layers}L, UNet {cfg.unet.block_out_channels}, "
-           f"diffusion rows {cfg.diffusion_rows}×{cfg.diffusion_repeats}), batch {a.batch} × {c.data.max_len} tokens, "
-           f"{len(jax.devices())} device(s), torch {threads} thread(s)",
+           f"diffusion rows {cfg.diffusion_rows}×{cfg.diffusion_repeats}), batch {a.batch} × {c.data.max_len} "
+           f"tokens, {len(jax.devices())} device(s), torch {threads} thread(s)",
            f"{ours_s:.3f}", f"{theirs_s:.3f}", f"{theirs_s / ours_s:.2f}×",
            f"{ours_losses[0]:.5f} / {torch_losses[0]:.5f}", f"{ours_losses[-1]:.4f} / {torch_losses[-1]:.4f}",
            f"{flops / 1e9:.2f}", f"{flops / ours_s / 1e9:.1f} / {flops / theirs_s / 1e9:.1f}",

@@ -43,7 +43,7 @@ def draws_of(cfg, rng, batch_size: int) -> dict[str, np.ndarray]:
 
 
 class TorchHead(torch.nn.Module):
-    """Our Q-former head on `Blip2QFormerModel`: (hidden + embeddings) -> [in linear] -> queries attend -> out linear."""
+    """Our Q-former head on `Blip2QFormerModel`: hidden + embeddings -> [in linear] -> queries attend -> out linear."""
 
     def __init__(self, folder: Path):
         super().__init__()

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -151,6 +152,9 @@ def main(_):
     c.model.vae.scaling_factor = vae_metrics["scaling_factor"]
     if FLAGS.train_steps:
         c.train.steps = FLAGS.train_steps
+    # a fresh run: train.run resumes from any checkpoint in its workdir, and an earlier demo's was trained on the
+    # previous VAE
+    shutil.rmtree(work / "train", ignore_errors=True)
     last = train.run(c, work / "train")
     times["train_s"] = time.time() - t0
     print(f"[3/5] trained {c.train.steps} steps: loss {last.get('loss', float('nan')):.3f} "

@@ -1,7 +1,7 @@
 """Inference with the joint model: answers (understanding), images (generation, editing), and the assistant loop.
 
 Three jitted pieces, each compiled once per (bucket shape, settings):
-- `_decode`: image patches spliced into the left-padded prompts, batched prefill + KV-cache decode in one
+- `decode_arrays`: image patches spliced into the left-padded prompts, batched prefill + KV-cache decode in one
   `lax.while_loop` (greedy / temperature / top-p), per-row stop on `</s>` or `[SOI]`;
 - `_images`: a sequence holding `[SOI][IMG0..N-1]` → LLM states → Q-former → guided sampler → VAE decode;
 - `Assistant.reply` glues them: when a row's answer ends in `[SOI]`, its `[IMG]` tokens are appended (GILL's
@@ -53,7 +53,9 @@ def prompts_of(batch: dict) -> list[list[int]]:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "stop_ids", "pad_id",
                                              "temperature", "top_p", "on_token"))
-def _decode(graphdef, state, ids, mask, image, has_image, rng, **kw):
+def decode_arrays(graphdef, state, ids, mask, image, has_image, rng, **kw):
+    """The jitted decode on a split model and device arrays; its outputs stay on the devices (global arrays across
+    hosts, as a sweep gathers them). `decode` is the one-host convenience around it."""
     model = nnx.merge(graphdef, state)
     embeds = model.embed_inputs(ids, image, has_image)
     return mistral.decode(model.llm, mask, rng, inputs_embeds=embeds, **kw)
@@ -65,9 +67,9 @@ def decode(model, ids, mask, image, has_image, *, max_new_tokens: int = 16, eos_
     """New tokens and per-row lengths after left-padded prompts (image patches spliced at `<image>`)."""
     graphdef, state = nnx.split(model)
     rng = jax.random.key(0) if rng is None else rng
-    out = _decode(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(image), jnp.asarray(has_image),
-                  rng, max_new_tokens=max_new_tokens, eos_id=eos_id, stop_ids=tuple(stop_ids), pad_id=pad_id,
-                  temperature=float(temperature), top_p=float(top_p), on_token=on_token)
+    out = decode_arrays(graphdef, state, *map(jnp.asarray, (ids, mask, image, has_image)), rng,
+                        max_new_tokens=max_new_tokens, eos_id=eos_id, stop_ids=tuple(stop_ids), pad_id=pad_id,
+                        temperature=float(temperature), top_p=float(top_p), on_token=on_token)
     return mistral.Decoded(*jax.device_get(tuple(out)))
 
 

@@ -204,11 +204,12 @@ class CellRunner:
         x, mask = infer.left_pad([prompts[i] for i in mine], batch.length, ids.pad)
         pixels, has_image, _ = a.pixels([items[i].load_image() for i in mine])
         rng = jax.random.fold_in(jax.random.key(settings.seed), batch.index)
-        # infer._decode (not infer.decode, which fetches to one host): outputs stay global for the gather
-        return infer._decode(self.graphdef, self.state, *map(self._global, (x, mask, pixels, has_image)), rng,
-                             max_new_tokens=settings.max_new_tokens, eos_id=ids.eos, stop_ids=(ids.soi,),
-                             pad_id=ids.pad, temperature=float(settings.temperature), top_p=float(settings.top_p),
-                             on_token=None)
+        # decode_arrays, not decode (which fetches to one host): outputs stay global for the gather
+        args = map(self._global, (x, mask, pixels, has_image))
+        return infer.decode_arrays(self.graphdef, self.state, *args, rng, max_new_tokens=settings.max_new_tokens,
+                                   eos_id=ids.eos, stop_ids=(ids.soi,), pad_id=ids.pad,
+                                   temperature=float(settings.temperature), top_p=float(settings.top_p),
+                                   on_token=None)
 
     def run(self, items: Sequence[Item], prompts, settings: infer.Settings, answers: Path, model_id: str,
             desc: str = "") -> dict[str, str]:

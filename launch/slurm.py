@@ -48,7 +48,7 @@ def sbatch_script(*, nodes: int, gpus_per_node: int, config: str, workdir: str, 
     lines += [
         "# jax.distributed: process 0 runs on the first node; the port comes from the job id (as JAX picks it), so",
         "# two jobs sharing a node do not collide",
-        # sed reads to the end: `head -n 1` may close the pipe first, and pipefail turns scontrol's SIGPIPE into exit 141
+        # sed reads to the end: `head -n 1` may close the pipe first, and pipefail makes scontrol's SIGPIPE exit 141
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
         'export JAX_COORDINATOR_ADDRESS="$head_node:$((61440 + SLURM_JOB_ID % 4096))"',
         f"cd {shlex.quote(repo)}",

@@ -83,9 +83,9 @@ def buckets(one_device, benchmarks):
 def through(workdir, benchmarks, buckets, tmp_path_factory):
     """An uninterrupted sweep, with the decode function's compilations counted over it."""
     out = tmp_path_factory.mktemp("through")
-    infer._decode.clear_cache()
+    infer.decode_arrays.clear_cache()
     summary = sweep.run([str(workdir)], benchmarks, SETTINGS, out, batch_size=BATCH, length_buckets=buckets)
-    return out, summary, infer._decode._cache_size()
+    return out, summary, infer.decode_arrays._cache_size()
 
 
 def _answers(out):
@@ -113,7 +113,7 @@ def test_one_compilation_per_bucket(through, buckets):
 @pytest.mark.slow
 def test_killed_sweep_resumes_to_the_same_results(through, workdir, benchmarks, buckets, tmp_path, monkeypatch):
     ref, _, _ = through
-    compiles = infer._decode._cache_size()
+    compiles = infer.decode_arrays._cache_size()
     written, real = [], sweep.write_answers
 
     def dies_after_three_batches(path, records, append=False):
@@ -137,7 +137,7 @@ def test_killed_sweep_resumes_to_the_same_results(through, workdir, benchmarks, 
     for name in ("results.md", "results.csv"):
         assert (tmp_path / name).read_text() == (ref / name).read_text()
     assert _answers(tmp_path) == _answers(ref)  # sampled cells too: sampling is seeded per batch
-    assert infer._decode._cache_size() == compiles  # the same shapes: nothing recompiled
+    assert infer.decode_arrays._cache_size() == compiles  # the same shapes: nothing recompiled
     again = sweep.run([str(workdir)], benchmarks, SETTINGS, tmp_path, batch_size=BATCH, length_buckets=buckets)
     assert (again.cells_run, again.cells_skipped, again.answered) == (0, 4, 0)
 
