@@ -51,7 +51,7 @@ def get_config():
     c.init = dict(vae="")  # our-format checkpoints to start parts from (python -m convert ... / the demo's VAE fit)
 
     c.train = ml_collections.ConfigDict(dict(
-        steps=1500, batch_size=32, accum=1, lr=1e-3, warmup_frac=0.03, final_lr_frac=0.05, weight_decay=0.0,
+        steps=1800, batch_size=32, accum=1, lr=1e-3, warmup_frac=0.03, final_lr_frac=0.05, weight_decay=0.0,
         b1=0.9, b2=0.98, grad_clip=1.0,
         trainable=("vision/.*", "projector/.*", "llm/.*", "head/.*", "unet/.*", "null_cond"),
         log_every=50, checkpoint_every=500, keep_checkpoints=2, sample_every=0, eval_every=0, eval_batches=4,
