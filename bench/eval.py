@@ -39,21 +39,16 @@ def fresh_tiny(tmp: Path, mesh, buckets):
 
 def hf_model(model, folder: Path):
     """(SiglipVisionModel, projector, MistralForCausalLM) from our parts via convert's to_hf."""
-    import torch
-    from safetensors.torch import load_file
     from transformers import MistralForCausalLM, SiglipVisionModel
 
     from convert import mistral, projector, siglip
+    from convert.torch_genllava import torch_projector
 
     siglip.to_hf(model.vision, folder / "siglip")
     projector.to_hf(model.projector, folder / "projector")
     mistral.to_hf(model.llm, folder / "llm")
     vision = SiglipVisionModel.from_pretrained(str(folder / "siglip")).eval()
-    p = model.cfg.projector
-    proj = torch.nn.Sequential(torch.nn.Linear(p.vision_size, p.text_size), torch.nn.GELU(),
-                               torch.nn.Linear(p.text_size, p.text_size)).eval()
-    weights = load_file(str(folder / "projector" / "model.safetensors"))
-    proj.load_state_dict({k.removeprefix(projector.PREFIX): v for k, v in weights.items()})
+    proj = torch_projector(model.cfg.projector, folder / "projector").eval()
     llm = MistralForCausalLM.from_pretrained(str(folder / "llm")).eval()
     return vision, proj, llm
 

@@ -42,6 +42,17 @@ def draws_of(cfg, rng, batch_size: int) -> dict[str, np.ndarray]:
             "posterior": nchw(jax.random.normal(r_vae, (rows, *latent)))}
 
 
+def torch_projector(cfg, folder) -> torch.nn.Sequential:
+    """LLaVA's Linear-GELU-Linear projector (config `cfg`) in torch, loaded strictly from `projector.to_hf`'s folder."""
+    from safetensors.torch import load_file
+
+    proj = torch.nn.Sequential(torch.nn.Linear(cfg.vision_size, cfg.text_size), torch.nn.GELU(),
+                               torch.nn.Linear(cfg.text_size, cfg.text_size))
+    weights = load_file(str(Path(folder) / "model.safetensors"))
+    proj.load_state_dict({k.removeprefix(projector.PREFIX): v for k, v in weights.items()}, strict=True)
+    return proj
+
+
 class TorchHead(torch.nn.Module):
     """Our Q-former head on `Blip2QFormerModel`: hidden + embeddings -> [in linear] -> queries attend -> out linear."""
 
@@ -92,19 +103,14 @@ class TorchGenLLaVA(torch.nn.Module):
     def from_jax(cls, model, folder) -> "TorchGenLLaVA":
         """Exports each part of our `GenLLaVA` with its converter into `folder` and loads the torch modules."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from safetensors.torch import load_file
         from transformers import MistralForCausalLM, SiglipVisionModel
 
         folder = Path(folder)
         for name, conv in (("vision", siglip), ("projector", projector), ("llm", mistral), ("head", qformer),
                            ("unet", unet), ("vae", vae)):
             conv.to_hf(getattr(model, name), folder / name, overwrite=True)
-        p = model.cfg.projector
-        proj = torch.nn.Sequential(torch.nn.Linear(p.vision_size, p.text_size), torch.nn.GELU(),
-                                   torch.nn.Linear(p.text_size, p.text_size))
-        weights = load_file(str(folder / "projector" / "model.safetensors"))
-        proj.load_state_dict({k.removeprefix(projector.PREFIX): v for k, v in weights.items()}, strict=True)
-        parts = {"vision": SiglipVisionModel.from_pretrained(str(folder / "vision")), "projector": proj,
+        parts = {"vision": SiglipVisionModel.from_pretrained(str(folder / "vision")),
+                 "projector": torch_projector(model.cfg.projector, folder / "projector"),
                  "llm": MistralForCausalLM.from_pretrained(str(folder / "llm")), "head": TorchHead(folder / "head"),
                  "unet": UNet2DConditionModel.from_pretrained(str(folder / "unet")),
                  "vae": AutoencoderKL.from_pretrained(str(folder / "vae"))}

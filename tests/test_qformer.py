@@ -1,7 +1,6 @@
 """Q-former and generation head against transformers.Blip2QFormerModel on small random configs (float32)."""
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -160,24 +159,17 @@ def test_loads_qformer_and_query_tokens_from_full_blip2_checkpoint(tmp_path):
 
 
 def torch_head(path):
-    """The head in torch from our export: a Blip2QFormerModel loaded strictly from `qformer.*`, plus linears."""
+    """The head in torch from our export (convert.torch_genllava's: a Blip2QFormerModel loaded strictly from
+    `qformer.*`, plus the linears), after checking the export's keys."""
     from safetensors.torch import load_file
 
-    cfg = json.loads((path / "config.json").read_text())
+    from convert.torch_genllava import TorchHead
+
     sd = load_file(str(path / "model.safetensors"))
-    qformer = Blip2QFormerModel(Blip2QFormerConfig.from_dict(cfg["qformer_config"])).eval()
-    qformer.load_state_dict({k[len("qformer."):]: v for k, v in sd.items() if k.startswith("qformer.")}, strict=True)
     assert set(sd) - {k for k in sd if k.startswith("qformer.")} == {
         "query_tokens", "gen_head.in_proj.weight", "gen_head.in_proj.bias", "gen_head.out_proj.weight",
         "gen_head.out_proj.bias"}
-
-    def head(hidden, embeds):
-        x = torch.nn.functional.linear(hidden + embeds, sd["gen_head.in_proj.weight"], sd["gen_head.in_proj.bias"])
-        y = qformer(query_embeds=sd["query_tokens"].expand(x.shape[0], -1, -1), encoder_hidden_states=x)
-        return torch.nn.functional.linear(y.last_hidden_state, sd["gen_head.out_proj.weight"],
-                                          sd["gen_head.out_proj.bias"])
-
-    return head
+    return TorchHead(path).eval()
 
 
 def test_head_matches_torch_and_passes_gradient_to_states_and_embeddings(tmp_path):
