@@ -202,6 +202,13 @@ def restore_target(abstract, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def partial_restore_args(target):
+    """Restore args for part of a saved pytree (e.g. the params of a train state without its optimizer moments):
+    only the leaves of `target` (ShapeDtypeStructs with shardings) are read."""
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+    return ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
+
+
 def abstract_like(tree):
     """ShapeDtypeStructs carrying the shardings of a (possibly donated-later) pytree of arrays."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

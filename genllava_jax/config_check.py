@@ -17,7 +17,7 @@ TRAIN_FIELDS = dict(steps=int, batch_size=int, accum=int, lr=NUMBER, warmup_frac
                     b1=NUMBER, b2=NUMBER, grad_clip=NUMBER, trainable=(tuple, list), log_every=int,
                     checkpoint_every=int, keep_checkpoints=int, sample_every=int, eval_every=int, eval_batches=int,
                     max_skipped_steps=int)
-TRAIN_OPTIONAL = dict(warmup_steps=(int, type(None)), final_lr_frac=NUMBER)
+TRAIN_OPTIONAL = dict(warmup_steps=(int, type(None)), final_lr_frac=NUMBER, lr_scales=(tuple, list))
 SAMPLE_FIELDS = dict(num_steps=int, guidance_scale=NUMBER, sampler=str)
 TOP_FIELDS = dict(seed=int, mesh=dict, data=dict, model=dict, train=dict)
 TOP_OPTIONAL = dict(init=dict, sample=dict)

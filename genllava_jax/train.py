@@ -33,14 +33,25 @@ from genllava_jax import sharding as shd
 
 
 def make_optimizer(tc) -> optax.GradientTransformation:
-    """AdamW with linear warm-up then cosine decay, and global-norm clipping (config `train`)."""
+    """AdamW with linear warm-up then cosine decay, and global-norm clipping (config `train`). `train.lr_scales`
+    ((regex, factor), ...): the learning rate of the params whose path matches a regex (the first that does) times
+    its factor, as LLaVA's separate projector / vision-tower learning rates."""
     warmup = max(1, int(tc.warmup_frac * tc.steps)) if tc.get("warmup_steps") is None else tc.warmup_steps
     schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.steps, warmup + 1),
                                                   end_value=tc.lr * tc.get("final_lr_frac", 0.0))
-    return optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip else optax.identity(),
-        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay),
-    ), schedule
+    scales = [(re.compile(pattern), float(factor)) for pattern, factor in tc.get("lr_scales", ())]
+    chain = [optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip else optax.identity(),
+             optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay)]
+    if scales:  # scaling AdamW's update = scaling its learning rate (weight decay included, as torch param groups)
+        def label(path, _):  # the path as trainable_filter names it (without a Variable's trailing .value)
+            name = "/".join(str(getattr(k, "key", getattr(k, "idx", ""))) for k in path
+                            if not isinstance(k, jax.tree_util.GetAttrKey))
+            return next((str(i) for i, (r, _) in enumerate(scales) if r.match(name)), "base")
+
+        transforms = {"base": optax.identity(), **{str(i): optax.scale(f) for i, (_, f) in enumerate(scales)}}
+        chain.append(optax.multi_transform(transforms, lambda params: jax.tree_util.tree_map_with_path(label,
+                                                                                                       params)))
+    return optax.chain(*chain), schedule
 
 
 def trainable_filter(patterns) -> Callable:
@@ -302,6 +313,7 @@ def run(c, workdir, *, mesh=None, stop_after: int | None = None) -> dict:
         log(f"resumed from step {ckpt_step} ({workdir / 'checkpoints'}); {int(state['skipped'])} steps skipped "
             f"so far; data {dict(info.counts.skipped) or 'all usable'}")
     step_fn = jit_train_step(s, tc.accum)
+    eval_fn = jit_eval_step(s) if tc.eval_every and c.data.get("eval_path") else None  # built once: compiled once
     writer = MetricWriter(workdir)
     start = int(state["step"])
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
@@ -340,8 +352,8 @@ def run(c, workdir, *, mesh=None, stop_after: int | None = None) -> dict:
                         log(f"data epoch {epoch} done at step {done}: {counts.read} records read, skipped "
                             f"{dict(counts.skipped) or 'none'}, truncated {counts.fixed['truncated']}")
                     acc, t_last = None, time.time()
-                if tc.eval_every and done % tc.eval_every == 0 and c.data.get("eval_path"):
-                    writer.write(done, evaluate_loss(c, state, s, tokenizer), prefix="eval/")
+                if eval_fn is not None and done % tc.eval_every == 0:
+                    writer.write(done, evaluate_loss(c, state, s, tokenizer, eval_fn), prefix="eval/")
                 if tc.sample_every and done % tc.sample_every == 0:  # every host samples: the model spans them
                     save_samples(c, merged_model(state, s), tokenizer, workdir / "samples" / f"step_{done:07d}.png")
                 checkpoint.save_train(mngr, done, state, s.frozen, data, force=done == tc.steps or stop)
@@ -356,8 +368,9 @@ def run(c, workdir, *, mesh=None, stop_after: int | None = None) -> dict:
     return row
 
 
-def evaluate_loss(c, state, s: Setup, tokenizer) -> dict:
-    """Mean eval-step metrics over `train.eval_batches` batches of `data.eval_path` (one pass, file order)."""
+def evaluate_loss(c, state, s: Setup, tokenizer, eval_fn=None) -> dict:
+    """Mean eval-step metrics over `train.eval_batches` batches of `data.eval_path` (one pass, file order).
+    `eval_fn`: a `jit_eval_step(s)` to reuse (a new one compiles again)."""
     from genllava_jax.data.pipeline import make_dataset
 
     data_cfg = c.data.copy_and_resolve_references()
@@ -369,7 +382,7 @@ def evaluate_loss(c, state, s: Setup, tokenizer) -> dict:
         from jax.experimental import multihost_utils
 
         n = int(np.min(multihost_utils.process_allgather(np.int32(n))))
-    eval_fn, out = jit_eval_step(s), None
+    eval_fn, out = eval_fn or jit_eval_step(s), None
     for batch in batches[:n]:
         m = eval_fn(state["params"], s.frozen, to_global(batch, s), jax.random.PRNGKey(c.seed))
         out = m if out is None else jax.tree.map(jnp.add, out, m)
@@ -402,7 +415,8 @@ def save_samples(c, model, tokenizer, path) -> None:
 
 
 def load_trained(workdir, mesh=None):
-    """(GenLLaVA with the newest checkpoint's weights, GenLLaVAConfig) from a training workdir."""
+    """(GenLLaVA with the newest checkpoint's weights, GenLLaVAConfig) from a training workdir. Reads the params
+    only: not the optimizer moments (twice the trainable weights again)."""
     import json
     from pathlib import Path
 
@@ -415,15 +429,13 @@ def load_trained(workdir, mesh=None):
     abstract = nnx.eval_shape(lambda: GenLLaVA(cfg, rngs=nnx.Rngs(0)))
     c = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     graphdef, params, frozen, rest = nnx.split(abstract, trainable_filter(c.train.trainable), nnx.Param, ...)
-    tx, _ = make_optimizer(c.train)
-    abs_state = jax.eval_shape(functools.partial(init_state, tx=tx, seed=0), params)
     mngr = checkpoint.ocp.CheckpointManager((workdir / "checkpoints").absolute())
     step = mngr.latest_step()
     if step is None:
         raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint")
     args = checkpoint.ocp.args.Composite(
-        state=checkpoint.ocp.args.StandardRestore(
-            checkpoint.restore_target(abs_state, state_shardings(params, tx, mesh))),
+        state=checkpoint.partial_restore_args(
+            {"params": checkpoint.restore_target(params, shd.state_shardings(params, mesh))}),
         frozen=checkpoint.ocp.args.StandardRestore(
             checkpoint.restore_target(frozen, shd.state_shardings(frozen, mesh))))
     out = mngr.restore(step, args=args)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from absl import flags
 from flax import nnx
@@ -133,15 +134,18 @@ def _losses(workdir):
 
 
 @pytest.mark.slow
-def test_resumed_run_continues_exactly(data_dir, tmp_path):
+def test_resumed_run_continues_exactly(data_dir, tmp_path, monkeypatch):
     c = micro_config(data_dir)
+    built, jit_eval_step = [], train.jit_eval_step
+    monkeypatch.setattr(train, "jit_eval_step", lambda s: built.append(jit_eval_step(s)) or built[-1])
     mesh = single_mesh()
     straight = c.copy_and_resolve_references()
     straight.data.eval_path = str(data_dir / "eval.jsonl")
     straight.train.update(eval_every=3, eval_batches=1, sample_every=6)
     straight.sample.num_steps = 2
     train.run(straight, tmp_path / "straight", mesh=mesh)
-    assert any("eval/ce" in r for r in _rows(tmp_path / "straight"))
+    assert [r["step"] for r in _rows(tmp_path / "straight") if "eval/ce" in r] == [3, 6]
+    assert len(built) == 1 and built[0]._cache_size() == 1  # two evaluations, one compilation
     assert (tmp_path / "straight" / "samples" / "step_0000006.png").exists()
     assert list((tmp_path / "straight" / "tb").iterdir())  # TensorBoard events
     train.run(c, tmp_path / "resumed", mesh=mesh, stop_after=3)  # "killed" after the step-3 checkpoint
@@ -152,6 +156,11 @@ def test_resumed_run_continues_exactly(data_dir, tmp_path):
     assert resumed == straight  # same data order, same rng, same state: bit-identical losses
     model, cfg = train.load_trained(tmp_path / "resumed", mesh)
     assert cfg.llm.num_layers == 2 and model.llm.layers.up.kernel.get_value().shape[0] == 2
+    # load_trained reads the params alone; they equal those of the whole saved train state
+    saved = ocp.StandardCheckpointer().restore((tmp_path / "resumed" / "checkpoints" / "6" / "state").absolute())
+    loaded = jax.tree.leaves(nnx.state(model, train.trainable_filter(c.train.trainable)))
+    assert len(loaded) == len(jax.tree.leaves(saved["params"])) and "opt" in saved
+    assert all(np.array_equal(a, b) for a, b in zip(loaded, jax.tree.leaves(saved["params"])))
 
 
 def test_config_mismatches_fail_at_start_with_what_to_change(data_dir):
@@ -220,3 +229,29 @@ def test_diffusion_repeats_equal_duplicated_rows(built):
     np.testing.assert_allclose(float(loss_rep), float(loss_dup), rtol=1e-5)
     np.testing.assert_allclose(float(m_rep["mse"]), float(m_dup["mse"]), rtol=1e-5)
     assert float(m_rep["images"]) == batch["has_target"].sum() and float(m_dup["images"]) == 2 * float(m_rep["images"])
+
+
+def test_lr_scales_multiply_the_learning_rate_of_matching_params():
+    class Two(nnx.Module):
+        def __init__(self, rngs):
+            self.vision, self.llm = nnx.Linear(3, 4, rngs=rngs), nnx.Linear(3, 4, rngs=rngs)
+
+    params = nnx.state(Two(nnx.Rngs(0)), nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, params)
+    c = micro_config(Path("."))
+    c.train.update(steps=10, warmup_steps=0, grad_clip=0.0, weight_decay=0.0)
+    plain, _ = train.make_optimizer(c.train)
+    c.train.lr_scales = (("vision/kernel$", 3.0), ("vision/.*", 0.5))
+    scaled, _ = train.make_optimizer(c.train)
+    u0 = plain.update(grads, plain.init(params), params)[0]
+    u1 = scaled.update(grads, scaled.init(params), params)[0]
+    assert np.any(np.asarray(u0["vision"]["kernel"][...]) != 0)
+    np.testing.assert_allclose(u1["vision"]["kernel"][...], 3.0 * u0["vision"]["kernel"][...], rtol=1e-6)
+    np.testing.assert_allclose(u1["vision"]["bias"][...], 0.5 * u0["vision"]["bias"][...], rtol=1e-6)  # first match
+    np.testing.assert_array_equal(u1["llm"]["kernel"][...], u0["llm"]["kernel"][...])
+    from genllava_jax import config_check
+
+    bad = c.to_dict()
+    bad["train"]["lr_scales"] = 3.0
+    with pytest.raises(ValueError, match="train.lr_scales=3.0 is a float"):
+        config_check.validate(bad)
