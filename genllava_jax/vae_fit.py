@@ -38,7 +38,8 @@ def fit_vae(cfg: VAEConfig, images: np.ndarray, *, steps: int = 600, batch_size:
     recon_loss = recon
     vae = AutoencoderKL(cfg, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(vae)
-    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(50, steps // 4), steps, lr * 0.05), weight_decay=0.0)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(50, steps // 4), steps, lr * 0.05)
+    tx = optax.adamw(schedule, weight_decay=0.0)
     opt = tx.init(params)
 
     def loss_fn(params, x, rng):
@@ -65,8 +66,11 @@ def fit_vae(cfg: VAEConfig, images: np.ndarray, *, steps: int = 600, batch_size:
         if i % 100 == 0 or i == steps - 1:
             bar.set_postfix(mse=f"{float(mse):.4f}")
     vae = nnx.merge(graphdef, params)
-    means = np.concatenate([np.asarray(jax.jit(lambda x: vae.encode(x)[0])(jnp.asarray(images[i:i + 64])))
-                            for i in range(0, len(images), 64)])
+    encode = jax.jit(lambda x: vae.encode(x)[0])  # one function: a new jit per chunk would compile per chunk
+    pad = -len(images) % 64  # and every chunk the same shape
+    padded = np.concatenate([images, np.repeat(images[:1], pad, axis=0)])
+    means = np.concatenate([np.asarray(encode(jnp.asarray(padded[i:i + 64]))) for i in range(0, len(padded), 64)])
+    means = means[:len(images)]
     scale = float(1.0 / means.std())
     vae.cfg = cfg.replace(scaling_factor=scale)
     return vae, {"vae_mse": float(mse), "scaling_factor": scale}

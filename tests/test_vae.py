@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as HFVAE
 from flax import nnx
+from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from convert import vae as conv
@@ -117,3 +118,24 @@ def test_unsupported_config_and_bad_checkpoint_are_refused(tmp_path):
     save_file(tensors, str(path / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(ConversionError, match=r"encoder\.conv_in\.weight.*\(16, 3, 5, 5\)"):
         conv.from_hf(path)
+
+
+def test_fit_vae_learns_and_scales_latents_to_unit_std(tmp_path):
+    """The demo's VAE fit: reconstructions improve, and `scaling_factor` makes the latent means' std 1 (SD's
+    convention), computed over every image (70: more than one chunk, the last one padded)."""
+    from genllava_jax.data import synthetic
+    from genllava_jax.data.synthetic import ALL_SCENES
+    from genllava_jax.vae_fit import fit_vae, load_images
+
+    for i, scene in enumerate(ALL_SCENES[:70]):
+        Image.fromarray(synthetic.render(scene, 16, i % 3)).save(tmp_path / f"{i:03d}.png")
+    images = load_images(tmp_path, 16)
+    cfg = conv.VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=16)
+    mse = lambda vae: float(np.mean((np.asarray(jax.jit(lambda x: vae.decode(vae.encode(x)[0]))(images)) - images)
+                                    ** 2))
+    before = mse(fit_vae(cfg, images, steps=1, lr=1e-9, batch_size=8)[0])
+    vae, metrics = fit_vae(cfg, images, steps=60, lr=5e-3, batch_size=8)
+    assert mse(vae) < 0.5 * before
+    means = np.asarray(vae.encode(images)[0])
+    assert abs(metrics["scaling_factor"] * means.std() - 1) < 1e-4
+    assert vae.cfg.scaling_factor == metrics["scaling_factor"]
