@@ -8,6 +8,8 @@ tokenizer treats whitespace around special tokens.
 
 from __future__ import annotations
 
+import functools
+
 from genllava_jax.data.tokenizer import END_INST, IMAGE, INST, SpecialIds
 
 IGNORE = -100
@@ -16,8 +18,12 @@ GENERATES = ("t2i", "edit")  # tasks whose last answer ends with [SOI] [IMG0..N-
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
-    text = text.strip()
-    return tokenizer.encode(text, add_special_tokens=False) if text else []
+    return list(_encode(tokenizer, text.strip()))
+
+
+@functools.lru_cache(maxsize=1 << 16)  # templates, questions and short answers recur: tokenize each once
+def _encode(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer.encode(text, add_special_tokens=False)) if text else ()
 
 
 def encode_user(tokenizer, ids: SpecialIds, text: str, num_patches: int) -> list[int]:
