@@ -51,10 +51,13 @@ def get_config():
     c.init = dict(vae="")  # our-format checkpoints to start parts from (python -m convert ... / the demo's VAE fit)
 
     c.train = ml_collections.ConfigDict(dict(
-        steps=1800, batch_size=32, accum=1, lr=1e-3, warmup_frac=0.03, final_lr_frac=0.05, weight_decay=0.0,
+        steps=1600, batch_size=32, accum=1, lr=1e-3, warmup_frac=0.03, final_lr_frac=0.05, weight_decay=0.0,
         b1=0.9, b2=0.98, grad_clip=1.0,
         trainable=("vision/.*", "projector/.*", "llm/.*", "head/.*", "unet/.*", "null_cond"),
         log_every=50, checkpoint_every=500, keep_checkpoints=2, sample_every=0, eval_every=0, eval_batches=4,
         max_skipped_steps=20))
+    # the vision tower starts from scratch here (SigLIP is pretrained in the 7B config): it learns kind and place
+    # of a shape several times faster at 8x the rate
+    c.train.lr_scales = (("vision/.*", 8.0),)
     c.sample = dict(num_steps=20, guidance_scale=3.0, sampler="ddim")
     return c

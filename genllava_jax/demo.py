@@ -31,10 +31,11 @@ from PIL import Image
 
 flags.DEFINE_string("workdir", "runs/demo", "everything the demo writes")
 flags.DEFINE_integer("train_steps", None, "joint train steps (default: configs/tiny.py)")
-flags.DEFINE_integer("vae_steps", 1000, "VAE fitting steps")
-flags.DEFINE_integer("vae_batch", 8, "VAE fitting batch (small: on this CPU more updates beat bigger batches)")
+flags.DEFINE_integer("vae_steps", 600, "VAE fitting steps")
+flags.DEFINE_integer("vae_batch", 32, "VAE fitting batch")
 flags.DEFINE_float("vae_lr", 5e-3, "VAE fitting peak learning rate")
-flags.DEFINE_integer("num_train", 4000, "synthetic training records")
+flags.DEFINE_integer("num_train", 20000, "synthetic training records")
+flags.DEFINE_integer("variants", 16, "renderings of each scene (nudged, resized, tinted; see data.synthetic)")
 flags.DEFINE_integer("num_eval", 64, "held-out records per task to evaluate")
 flags.DEFINE_integer("sample_steps", 20, "DDIM steps when generating")
 FLAGS = flags.FLAGS
@@ -101,7 +102,7 @@ def reconstruction_accuracy(vae, eval_path: Path, size: int) -> float:
     x = load_images(eval_path.parent, size, only=names)
     rec = np.asarray(jax.jit(lambda x: vae.decode(vae.encode(x)[0]))(x))
     rec = ((rec + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-    return float(np.mean([synthetic.judge(r)[0] == Path(n).stem.split("_")[0] for r, n in zip(rec, names)]))
+    return float(np.mean([synthetic.judge(r)[0] == synthetic.scene_of(n).colour for r, n in zip(rec, names)]))
 
 
 def main(_):
@@ -127,7 +128,8 @@ def main(_):
 
     t0 = time.time()
     paths = synthetic.make_synthetic(work / "data", num_train=FLAGS.num_train, num_eval=4 * FLAGS.num_eval,
-                                     image_size=c.data.image_size, num_img_tokens=c.data.num_img_tokens)
+                                     image_size=c.data.image_size, num_img_tokens=c.data.num_img_tokens,
+                                     variants=FLAGS.variants)
     times["data_s"] = time.time() - t0
     print(f"[1/5] synthetic world: {paths['train']} ({times['data_s']:.0f} s)", flush=True)
 

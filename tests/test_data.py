@@ -304,12 +304,37 @@ def test_synthetic_set_is_deterministic(world, tmp_path):
     assert a[Path("train.jsonl")] != b[Path("train.jsonl")]
     records = {s: [json.loads(x) for x in a[Path(f"{s}.jsonl")].decode().splitlines()] for s in ("train", "eval")}
     assert collections.Counter(r["task"] for r in records["train"]).keys() == {"i2t", "t2i", "edit", "text"}
-    shown = {s: {r[k] for r in rs for k in ("image", "target_image") if k in r} for s, rs in records.items()}
+    shown = {s: {synthetic.scene_of(r[k]) for r in rs for k in ("image", "target_image") if k in r}
+             for s, rs in records.items()}
     assert not shown["train"] & shown["eval"]  # eval scenes are held out
     for r in records["train"]:
         if r["task"] == "edit":  # the target differs from the source in exactly the edited attribute
             diff = {k for k in r["meta"]["source"] if r["meta"]["source"][k] != r["meta"]["target"][k]}
             assert diff == {r["meta"]["attribute"]}
+
+
+def test_synthetic_variants(tmp_path):
+    """Variants are other renderings of the same scenes: held out by scene, judged right, kept by an edit."""
+    paths = synthetic.make_synthetic(tmp_path, num_train=300, num_eval=60, seed=0, variants=4)
+    records = {s: [json.loads(x) for x in paths[s].read_text().splitlines()] for s in ("train", "eval")}
+    names = {s: {r[k] for r in rs for k in ("image", "target_image") if k in r} for s, rs in records.items()}
+    assert {n.rsplit("_", 1)[1] for n in names["train"]} == {"0.png", "1.png", "2.png", "3.png"}
+    assert not {synthetic.scene_of(n) for n in names["train"]} & {synthetic.scene_of(n) for n in names["eval"]}
+    for r in records["train"]:
+        if r["task"] == "edit":
+            assert r["image"].rsplit("_", 1)[1] == r["target_image"].rsplit("_", 1)[1]
+            assert synthetic.scene_of(r["target_image"]) == synthetic.Scene(**r["meta"]["target"])
+    scene = synthetic.ALL_SCENES[0]
+    renders = [synthetic.render(scene, 32, v) for v in range(8)]
+    assert len({x.tobytes() for x in renders}) == 8  # every variant differs from the others
+    for size in (32, 16):  # colour and kind at 32 px; colour at 16 (where small shapes blur together)
+        n = 2 if size == 32 else 1
+        judged = [synthetic.judge(synthetic.render(s, size, v))[:n] == (s.colour, s.kind)[:n]
+                  for s in synthetic.ALL_SCENES for v in range(1, 9)]
+        assert np.mean(judged) == 1.0, size
+    on_disk = np.asarray(Image.open(paths["images"].parent / sorted(names["train"])[0]))
+    name = sorted(names["train"])[0]
+    assert np.array_equal(on_disk, synthetic.render(synthetic.scene_of(name), 32, int(name[-5])))
 
 
 def test_judge_scores_rendered_images(world):

@@ -3,9 +3,11 @@
     from genllava_jax.data import synthetic
     paths = synthetic.make_synthetic("runs/demo/data", num_train=4000, num_eval=200)
 
-A scene is (colour, kind, size, position, background): 6·3·2·5·3 = 540 images. Eval records show and draw only
-held-out scenes (one in five, chosen by the seed), train records only the others. `judge` is the pixel-statistics
-classifier that scores generated images.
+A scene is (colour, kind, size, position, background): 6·3·2·5·3 = 540 of them. Eval records show and draw only
+held-out scenes (one in five, chosen by the seed), train records only the others. Each scene is rendered in
+`variants` versions, nudged, resized and tinted a little (variant 0 is the exact one), so that a model must read the
+attributes rather than memorise a few hundred exact images; an edit keeps its source's variant. `judge` is the
+pixel-statistics classifier that scores generated images.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bot
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128)}
 WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
          "center": "in the center"}
-TASK_MIX = dict(i2t=0.4, t2i=0.3, edit=0.2, text=0.1)
+TASK_MIX = dict(i2t=0.45, t2i=0.3, edit=0.2, text=0.05)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +58,36 @@ class Scene:
 
 
 ALL_SCENES = [Scene(*s) for s in itertools.product(COLOURS, KINDS, SIZES, POSITIONS, BACKGROUNDS)]
+# a variant's largest nudge (image widths), resize and tint (per RGB channel): small enough that every attribute
+# stays unambiguous to `judge` and to a reader (positions are 0.23 apart, sizes 0.08, colours >= 100 in RGB)
+NUDGE, RESIZE, TINT = 0.03, 0.08, 12
 
 
-def render(scene: Scene, size: int = 32) -> np.ndarray:
+def variation(variant: int) -> tuple[float, float, float, np.ndarray, np.ndarray]:
+    """(dx, dy, size factor, shape tint, background tint) of a variant: the same for every scene."""
+    if variant == 0:
+        return 0.0, 0.0, 1.0, np.zeros(3), np.zeros(3)
+    rng = random.Random(f"variant {variant}")
+    dx, dy, factor = rng.uniform(-NUDGE, NUDGE), rng.uniform(-NUDGE, NUDGE), 1 + rng.uniform(-RESIZE, RESIZE)
+    tints = np.array([rng.randint(-TINT, TINT) for _ in range(6)])
+    return dx, dy, factor, tints[:3], tints[3:]
+
+
+def image_name(scene: Scene, variant: int = 0) -> str:
+    return f"images/{scene.name}_{variant}.png"
+
+
+def scene_of(name: str) -> Scene:
+    """The scene an image path from `image_name` shows."""
+    return Scene(*Path(name).stem.split("_")[:5])
+
+
+def render(scene: Scene, size: int = 32, variant: int = 0) -> np.ndarray:
     """(size, size, 3) uint8; no anti-aliasing: a pixel is the shape's colour iff its centre is inside."""
     y, x = (np.mgrid[:size, :size] + 0.5) / size
-    (cx, cy), r = POSITIONS[scene.position], SIZES[scene.size]
+    nudge_x, nudge_y, factor, tint, bg_tint = variation(variant)
+    (cx, cy), r = POSITIONS[scene.position], SIZES[scene.size] * factor
+    cx, cy = cx + nudge_x, cy + nudge_y
     dx, dy = np.abs(x - cx), y - cy
     if scene.kind == "circle":
         inside = dx**2 + dy**2 <= r**2
@@ -70,8 +96,8 @@ def render(scene: Scene, size: int = 32) -> np.ndarray:
     else:  # apex up: the half width grows from 0 at the top to r at the base, filling half its box
         inside = (np.abs(dy) <= r) & (dx <= (dy + r) / 2)
     image = np.empty((size, size, 3), np.uint8)
-    image[:] = BACKGROUNDS[scene.background]
-    image[inside] = COLOURS[scene.colour]
+    image[:] = np.clip(np.add(BACKGROUNDS[scene.background], bg_tint), 0, 255)
+    image[inside] = np.clip(np.add(COLOURS[scene.colour], tint), 0, 255)
     return image
 
 
@@ -117,26 +143,24 @@ def _conv(*turns: str) -> list[dict]:
     return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(turns)]
 
 
-def _image(scene: Scene) -> str:
-    return f"images/{scene.name}.png"
-
-
-def i2t_record(rng: random.Random, scene: Scene) -> dict:
-    """One or two questions about the image; the first turn carries it."""
-    qa = rng.sample(QUESTIONS, rng.choice((1, 1, 2)))
+def i2t_record(rng: random.Random, scene: Scene, variant: int) -> dict:
+    """Two questions about the image (reading a shape's kind and place takes many answers); the first turn carries
+    the image."""
+    qa = rng.sample(QUESTIONS, 2)
     turns = [t for q, answer in qa for t in (q, answer(scene))]
     turns[0] = f"{IMAGE}\n{turns[0]}"
-    return dict(task="i2t", image=_image(scene), conversations=_conv(*turns), meta={"scene": dataclasses.asdict(scene)})
+    return dict(task="i2t", image=image_name(scene, variant), conversations=_conv(*turns),
+                meta={"scene": dataclasses.asdict(scene)})
 
 
-def t2i_record(rng: random.Random, scene: Scene) -> dict:
+def t2i_record(rng: random.Random, scene: Scene, variant: int) -> dict:
     prompt = rng.choice([f"Draw a {scene.colour} {scene.kind}.", f"Generate an image of {scene.caption}.",
                          f"Draw {scene.full_caption}."])
-    return dict(task="t2i", target_image=_image(scene), caption=scene.full_caption,
+    return dict(task="t2i", target_image=image_name(scene, variant), caption=scene.full_caption,
                 conversations=_conv(prompt, ""), meta={"scene": dataclasses.asdict(scene)})
 
 
-def edit_record(rng: random.Random, scene: Scene) -> dict:
+def edit_record(rng: random.Random, scene: Scene, variant: int) -> dict:
     """The source image and an instruction changing one attribute; the target differs only in it."""
     attribute = rng.choice(("colour", "kind", "position", "size"))
     values = {"colour": COLOURS, "kind": KINDS, "position": POSITIONS, "size": SIZES}[attribute]
@@ -145,37 +169,43 @@ def edit_record(rng: random.Random, scene: Scene) -> dict:
     instruction = {"colour": f"Make it {new}.", "kind": f"Turn it into a {new}.",
                    "position": f"Move it to the {new}.",
                    "size": "Make it larger." if new == "large" else "Make it smaller."}[attribute]
-    return dict(task="edit", image=_image(scene), target_image=_image(target), caption=target.full_caption,
+    return dict(task="edit", image=image_name(scene, variant), target_image=image_name(target, variant),
+                caption=target.full_caption,
                 conversations=_conv(f"{IMAGE}\n{instruction}", ""),
                 meta={"source": dataclasses.asdict(scene), "target": dataclasses.asdict(target),
                       "attribute": attribute})
 
 
-def text_record(rng: random.Random, scene: Scene) -> dict:
-    del scene
+def text_record(rng: random.Random, scene: Scene, variant: int) -> dict:
+    del scene, variant
     return dict(task="text", conversations=_conv(*(t for qa in rng.sample(FACTS, rng.choice((1, 2))) for t in qa)))
 
 
 GENERATORS = {"i2t": i2t_record, "t2i": t2i_record, "edit": edit_record, "text": text_record}
 
 
-def make_record(rng: random.Random, task: str, scenes: list[Scene], allowed: set[Scene]) -> dict:
-    """A record of `task` showing a scene from `scenes`; an edit's target must be `allowed` too."""
+def make_record(rng: random.Random, task: str, scenes: list[Scene], allowed: set[Scene],
+                variants: int = 1) -> dict:
+    """A record of `task` showing a scene from `scenes` in one of `variants`; an edit's target must be `allowed`."""
     while True:
-        record = GENERATORS[task](rng, rng.choice(scenes))
+        record = GENERATORS[task](rng, rng.choice(scenes), rng.randrange(variants))
         if task != "edit" or Scene(**record["meta"]["target"]) in allowed:
             return record
 
 
-def make_records(rng: random.Random, scenes: list[Scene], n: int, mix: dict[str, float], prefix: str) -> list[dict]:
+def make_records(rng: random.Random, scenes: list[Scene], n: int, mix: dict[str, float], prefix: str,
+                 variants: int = 1) -> list[dict]:
     tasks = rng.choices(list(mix), weights=list(mix.values()), k=n)
     allowed = set(scenes)
-    return [{"id": f"{prefix}-{i:06d}", **make_record(rng, t, scenes, allowed)} for i, t in enumerate(tasks)]
+    return [{"id": f"{prefix}-{i:06d}", **make_record(rng, t, scenes, allowed, variants)}
+            for i, t in enumerate(tasks)]
 
 
 def make_synthetic(out_dir: str | Path, num_train: int = 4000, num_eval: int = 200, image_size: int = 32,
-                   seed: int = 0, num_img_tokens: int = 16, mix: dict[str, float] | None = None) -> dict[str, Path]:
-    """Writes train.jsonl, eval.jsonl, images/*.png and tokenizer/ under out_dir; the same bytes for the same args."""
+                   seed: int = 0, num_img_tokens: int = 16, mix: dict[str, float] | None = None,
+                   variants: int = 1) -> dict[str, Path]:
+    """Writes train.jsonl, eval.jsonl, images/*.png and tokenizer/ under out_dir; the same bytes for the same args.
+    `variants`: renderings per scene (1: the exact scene only)."""
     mix = dict(mix or TASK_MIX)
     if unknown := set(mix) - set(GENERATORS):
         raise ValueError(f"mix has unknown tasks {sorted(unknown)}; known: {sorted(GENERATORS)}")
@@ -184,15 +214,14 @@ def make_synthetic(out_dir: str | Path, num_train: int = 4000, num_eval: int = 2
     rng = random.Random(seed)
     scenes = rng.sample(ALL_SCENES, len(ALL_SCENES))
     eval_scenes, train_scenes = scenes[::5], [s for i, s in enumerate(scenes) if i % 5]
-    splits = {"train": make_records(rng, train_scenes, num_train, mix, "train"),
-              "eval": make_records(rng, eval_scenes, num_eval, mix, "eval")}
+    splits = {"train": make_records(rng, train_scenes, num_train, mix, "train", variants),
+              "eval": make_records(rng, eval_scenes, num_eval, mix, "eval", variants)}
     names = set()
     for split, records in splits.items():
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         names |= {r[k] for r in records for k in ("image", "target_image") if k in r}
-    by_name = {_image(s): s for s in ALL_SCENES}
     for name in sorted(names):
-        Image.fromarray(render(by_name[name], image_size)).save(out / name)
+        Image.fromarray(render(scene_of(name), image_size, int(Path(name).stem.rsplit("_", 1)[1]))).save(out / name)
     # The template encodes the text around <image> piece by piece, stripped: train on the same pieces.
     texts = [p.strip() for rs in splits.values() for r in rs for c in r["conversations"]
              for p in c["value"].split(IMAGE)]

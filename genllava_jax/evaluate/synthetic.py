@@ -4,8 +4,8 @@ benchmarks that must run without the real datasets.
     gqa  = write_gqa(world_dir, out_dir)    # (questions.jsonl, image_folder, answers.json): read_benchmark("gqa", *gqa)
     pope = write_pope(world_dir, out_dir)   # (llava_pope_test.jsonl, image_folder, annotation_dir)
 
-Questions are about the world's rendered images (`<world>/images/<scene name>.png`), answers from the scene the
-file name encodes, so a trained demo model can be scored on them.
+Questions are about the world's rendered images (`<world>/images/<scene name>_<variant>.png`), answers from the
+scene the file name encodes, so a trained demo model can be scored on them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import random
 from pathlib import Path
 
-from genllava_jax.data.synthetic import COLOURS, KINDS, QUESTIONS, Scene
+from genllava_jax.data.synthetic import COLOURS, KINDS, QUESTIONS, Scene, scene_of
 
 GQA_SUFFIX = "Answer the question using a single word or phrase."  # what LLaVA appends to GQA questions
 
@@ -30,7 +30,7 @@ def scenes(world_dir, eval_only: bool = True) -> list[tuple[str, Scene]]:
         names = sorted(f"images/{p.name}" for p in (world / "images").glob("*.png"))
     if not names:
         raise ValueError(f"{world}: no images found")
-    return [(n, Scene(*Path(n).stem.split("_"))) for n in names]
+    return [(n, scene_of(n)) for n in names]
 
 
 def _jsonl(path: Path, rows) -> None:
