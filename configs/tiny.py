@@ -5,7 +5,8 @@
 
 `make demo` runs the whole thing (data, VAE fit, this training, evaluation) and prints the three accuracies. This
 command alone prints a progress bar and a metrics line every `train.log_every` steps, e.g.
-    step 100 loss 2.1 ce 1.5 mse 0.60 token_accuracy 0.55 grad_norm 1.9 lr 0.002 ...
+    step 100 ce 0.2756 grad_norm 1.21 loss 0.4581 lr 0.0009991 mse 0.2352 token_accuracy 0.8852 ...
+(from the demo's data; `make demo` then prints understanding 84.4 %, generation colour 62.5 %: see README).
 No pretrained SigLIP or Stable Diffusion exists on this machine, so unlike the 7B config the vision tower and
 the UNet are trained here too; the VAE is fitted first by the demo and frozen (init.vae).
 """

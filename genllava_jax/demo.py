@@ -2,7 +2,8 @@
 
     .venv/bin/python -m genllava_jax.demo --workdir=runs/demo
 
-1. writes the synthetic world of coloured shapes (records + 32 px PNGs + a BPE tokenizer) to <workdir>/data;
+1. writes the synthetic world of coloured shapes (records + 32 px PNGs of every scene in `--variants` renderings +
+   a BPE tokenizer) to <workdir>/data;
 2. fits the tiny VAE on the training scenes (at 16 px, the generation size) and freezes it (<workdir>/vae; the real
    model's SD VAE is pretrained too), and reports how often its own reconstructions of held-out targets are judged
    the right colour: the ceiling it puts on generation;
