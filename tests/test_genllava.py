@@ -239,7 +239,7 @@ def test_lr_scales_multiply_the_learning_rate_of_matching_params():
     params = nnx.state(Two(nnx.Rngs(0)), nnx.Param)
     grads = jax.tree.map(jnp.ones_like, params)
     c = micro_config(Path("."))
-    c.train.update(steps=10, warmup_steps=0, grad_clip=0.0, weight_decay=0.0)
+    c.train.update(steps=10, warmup_steps=0, grad_clip=0.0, weight_decay=0.0, lr_scales=())  # tiny.py has some
     plain, _ = train.make_optimizer(c.train)
     c.train.lr_scales = (("vision/kernel$", 3.0), ("vision/.*", 0.5))
     scaled, _ = train.make_optimizer(c.train)
