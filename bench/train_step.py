@@ -99,6 +99,7 @@ def main():
     tmp = Path(tempfile.mkdtemp())
     c = tiny_config(tmp / "world", num_train=max(256, a.batch * (a.steps + 1)), num_eval=8)
     c.train.batch_size = a.batch
+    c.train.lr_scales = ()  # torch_trainer has one learning rate for all: the same optimizer on both sides
     mesh = sharding.make_mesh({"data": -1})
     cfg, model, tokenizer, mesh = train.build(c, mesh)
     ref = TorchGenLLaVA.from_jax(model, tmp / "torch")  # the same initial weights
