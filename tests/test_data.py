@@ -318,11 +318,11 @@ def test_synthetic_variants(tmp_path):
     paths = synthetic.make_synthetic(tmp_path, num_train=300, num_eval=60, seed=0, variants=4)
     records = {s: [json.loads(x) for x in paths[s].read_text().splitlines()] for s in ("train", "eval")}
     names = {s: {r[k] for r in rs for k in ("image", "target_image") if k in r} for s, rs in records.items()}
-    assert {n.rsplit("_", 1)[1] for n in names["train"]} == {"0.png", "1.png", "2.png", "3.png"}
+    assert {synthetic.variant_of(n) for n in names["train"]} == {0, 1, 2, 3}
     assert not {synthetic.scene_of(n) for n in names["train"]} & {synthetic.scene_of(n) for n in names["eval"]}
     for r in records["train"]:
         if r["task"] == "edit":
-            assert r["image"].rsplit("_", 1)[1] == r["target_image"].rsplit("_", 1)[1]
+            assert synthetic.variant_of(r["image"]) == synthetic.variant_of(r["target_image"])
             assert synthetic.scene_of(r["target_image"]) == synthetic.Scene(**r["meta"]["target"])
     scene = synthetic.ALL_SCENES[0]
     renders = [synthetic.render(scene, 32, v) for v in range(8)]
@@ -334,7 +334,7 @@ def test_synthetic_variants(tmp_path):
         assert np.mean(judged) == 1.0, size
     on_disk = np.asarray(Image.open(paths["images"].parent / sorted(names["train"])[0]))
     name = sorted(names["train"])[0]
-    assert np.array_equal(on_disk, synthetic.render(synthetic.scene_of(name), 32, int(name[-5])))
+    assert np.array_equal(on_disk, synthetic.render(synthetic.scene_of(name), 32, synthetic.variant_of(name)))
 
 
 def test_judge_scores_rendered_images(world):

@@ -82,6 +82,11 @@ def scene_of(name: str) -> Scene:
     return Scene(*Path(name).stem.split("_")[:5])
 
 
+def variant_of(name: str) -> int:
+    """The variant an image path from `image_name` shows."""
+    return int(Path(name).stem.rsplit("_", 1)[1])
+
+
 def render(scene: Scene, size: int = 32, variant: int = 0) -> np.ndarray:
     """(size, size, 3) uint8; no anti-aliasing: a pixel is the shape's colour iff its centre is inside."""
     y, x = (np.mgrid[:size, :size] + 0.5) / size
@@ -221,7 +226,7 @@ def make_synthetic(out_dir: str | Path, num_train: int = 4000, num_eval: int = 2
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         names |= {r[k] for r in records for k in ("image", "target_image") if k in r}
     for name in sorted(names):
-        Image.fromarray(render(scene_of(name), image_size, int(Path(name).stem.rsplit("_", 1)[1]))).save(out / name)
+        Image.fromarray(render(scene_of(name), image_size, variant_of(name))).save(out / name)
     # The template encodes the text around <image> piece by piece, stripped: train on the same pieces.
     texts = [p.strip() for rs in splits.values() for r in rs for c in r["conversations"]
              for p in c["value"].split(IMAGE)]
