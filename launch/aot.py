@@ -1,13 +1,15 @@
 """Does it fit? Compiles the joint train step (and the eval step) for a TPU topology on this CPU, via libtpu.
 
     python -m launch.aot --config=configs/genllava_7b.py --topology=v5p-8 --config.data.max_len=2048 \
-        [--mesh=data=1,fsdp=-1,tensor=1] [--remat=full] [--per_device_batch=2] [--search]
+        [--mesh=data=1,fsdp=-1,tensor=1] [--remat=full] [--per_device_batch=2]
+    python -m launch.aot ... --search [--meshes="fsdp=16;fsdp=8,tensor=2"] [--remats=full]
 
 Nothing is allocated: the model, train state and batch are abstract (shapes, dtypes and the shardings the rules
 give on a mesh over the topology's compile-only devices), the step is `train.jit_train_step(...).lower(...)
 .compile()`. Prints per-chip memory (arguments, outputs, temporaries, total vs the chip's HBM), FITS or OOM (XLA
 refuses to compile a program over the chip's memory and says by how much), FLOPs per step and compile times.
-`--search` tries mesh shapes and remat policies and finds, for each, the largest per-device batch that fits.
+`--search` tries mesh shapes and remat policies and finds, for each, the largest per-device batch that fits; it
+prints the best cell's train-step report (the eval step is not compiled: rerun that cell for it).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import os
 # process on the machine (which also loads libtpu when it is installed) would otherwise make this one fail.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -228,7 +229,8 @@ def check(c, devices, *, per_device_batch: int | None = None, eval_step: bool = 
     batch = abstract_batch(c, cfg, s, global_batch)
     kind = devices[0].device_kind
     hbm = HBM_GIB[kind] * GiB
-    r = {"kind": kind, "chips": len(devices), "mesh": dict(mesh.shape), "remat": {p: getattr(cfg, p).remat for p in REMAT_PARTS},
+    r = {"kind": kind, "chips": len(devices), "mesh": dict(mesh.shape),
+         "remat": {p: getattr(cfg, p).remat for p in REMAT_PARTS},
          "global_batch": global_batch, "per_device_batch": global_batch // batch_shards, "seq_len": c.data.max_len,
          "params": {"trainable": sum(x.size for x in jax.tree.leaves(state["params"])),
                     "frozen": sum(x.size for x in jax.tree.leaves(s.frozen))},
@@ -309,6 +311,17 @@ def format_report(r: dict) -> str:
 # --search
 
 
+def parse_mesh(spec: str) -> dict:
+    """"data=1,fsdp=-1,tensor=2" -> {"data": 1, "fsdp": -1, "tensor": 2}; unnamed axes are 1."""
+    axes = {}
+    for kv in spec.split(","):
+        k, _, v = kv.partition("=")
+        if k.strip() not in shd.MESH_AXES or not v.strip().lstrip("-").isdigit():
+            raise ValueError(f"mesh {spec!r}: {kv!r} is not AXIS=SIZE with AXIS one of {shd.MESH_AXES}")
+        axes[k.strip()] = int(v)
+    return {a: axes.get(a, 1) for a in shd.MESH_AXES}
+
+
 def mesh_candidates(n: int) -> list[dict]:
     """Fully sharded (fsdp over every chip), with 2- and 4-way tensor parallelism, and 2 data-parallel replicas."""
     out = [dict(data=1, fsdp=n // t, tensor=t) for t in (1, 2, 4) if n % t == 0 and n // t >= 1]
@@ -317,16 +330,18 @@ def mesh_candidates(n: int) -> list[dict]:
     return out
 
 
-def largest_batch(c, devices, log, max_compiles: int = 5) -> tuple[int, dict | None]:
-    """The largest per-device batch that compiles within HBM, and its report (0, None if batch 1 does not fit).
+def largest_batch(c, devices, log, max_compiles: int = 5) -> tuple[int, int | None, dict | None]:
+    """The largest per-device batch found to compile within HBM, the smallest found not to (None: none tried),
+    and the former's report (0, ..., None if batch 1 does not fit).
 
-    Memory grows about linearly with the batch: after batches 1 and 2, a line through the measured totals (XLA
-    states its total when it refuses, too) predicts the largest batch, and each prediction is compiled to check.
+    Memory grows about linearly with the batch: after batches 1 and 2 a line through the measured totals (XLA
+    states its total when it refuses, too) predicts the largest batch; once a batch is OOM, the line through the
+    bracketing pair, its guess kept to the middle half of the bracket (where memory bends, a line from one side
+    creeps; an OOM verdict is cheap, XLA refuses early, a fitting compile is not).
     """
-    totals, fits, reports, cap = {}, {}, {}, None
-    b = 1
-    while len(totals) < max_compiles:
-        r = check(c, devices, per_device_batch=b, eval_step=False, count_flops=False, log=log)
+    totals, fits, reports, cap, b = {}, {}, {}, None, 1
+    while True:
+        r = check(c, devices, per_device_batch=b, eval_step=False, log=log)
         t = r["train"]
         totals[b], fits[b], reports[b] = t["total"], t["fits"], r
         cap = t.get("hbm_xla", cap)  # the usable HBM XLA states when it refuses
@@ -334,27 +349,33 @@ def largest_batch(c, devices, log, max_compiles: int = 5) -> tuple[int, dict | N
             f"(compile {t['compile_s']:.0f} s)")
         lo = max((k for k in fits if fits[k]), default=0)
         hi = min((k for k in fits if not fits[k]), default=None)
-        if lo == 0 or (hi is not None and hi == lo + 1):
+        if lo == 0 or (hi is not None and hi == lo + 1) or len(totals) >= max_compiles:
             break
-        slope, icpt = np.polyfit(list(totals), list(totals.values()), 1) if len(totals) > 1 else (0.0, 0.0)
-        nxt = int(((cap or t["hbm"]) - icpt) // slope) if slope > 0 else 2 * lo
-        if nxt <= lo and len(totals) > 1:
+        if len(totals) == 1:
+            nxt = 2
+        else:
+            x0, x1 = (lo, hi) if hi is not None else sorted(totals)[-2:]
+            slope = (totals[x1] - totals[x0]) / (x1 - x0)
+            nxt = int(x0 + ((cap or t["hbm"]) - totals[x0]) // slope) if slope > 0 else 2 * lo
+        if hi is None and nxt <= lo:
             break  # the line puts nothing larger within HBM
-        nxt = max(nxt, lo + 1) if hi is None else min(max(nxt, lo + 1), hi - 1)
+        step = max(1, (hi - lo) // 4) if hi is not None else 1
+        nxt = max(nxt, lo + step) if hi is None else min(max(nxt, lo + step), hi - step)
         if nxt in totals:
             break
         b = nxt
-    return lo, reports.get(lo)
+    return lo, hi, reports.get(lo)
 
 
-def search(c, devices, remats, log=print) -> list[dict]:
-    """For each mesh shape and remat policy, the largest per-device batch that fits; returns the rows."""
+def search(c, devices, remats, meshes=None, log=print) -> list[dict]:
+    """For each mesh shape (default: `mesh_candidates`) and remat policy, the largest per-device batch that fits;
+    returns the rows."""
     rows = []
-    for mesh in mesh_candidates(len(devices)):
+    for mesh in meshes or mesh_candidates(len(devices)):
         for remat in remats:
             log(f"  mesh {mesh}, remat {remat}:")
-            b, r = largest_batch(configure(c, remat=remat, mesh=mesh), devices, log)
-            rows.append({"mesh": mesh, "remat": remat, "per_device_batch": b,
+            b, oom, r = largest_batch(configure(c, remat=remat, mesh=mesh), devices, log)
+            rows.append({"mesh": mesh, "remat": remat, "per_device_batch": b, "oom_at": oom,
                          "global_batch": r["global_batch"] if r else 0, "report": r})
     return rows
 
@@ -376,23 +397,24 @@ def main(argv):
     devices = target_devices(F.topology)
     c = F.config
     if F.search:
-        print(f"searching {F.topology}: meshes {mesh_candidates(len(devices))}, remat {F.remats}", flush=True)
-        rows = search(c, devices, F.remats, log=progress)
+        meshes = [parse_mesh(m) for m in F.meshes.split(";")] if F.meshes else mesh_candidates(len(devices))
+        print(f"searching {F.topology}: meshes {meshes}, remat {F.remats}", flush=True)
+        rows = search(c, devices, F.remats, meshes, log=progress)
         for row in rows:
-            print(f"  {row['mesh']} remat {row['remat']}: largest per-device batch {row['per_device_batch']}")
+            oom = f"{row['oom_at']} is OOM" if row["oom_at"] else "no larger batch tried"
+            print(f"  {row['mesh']} remat {row['remat']}: largest per-device batch {row['per_device_batch']} ({oom})")
         best = best_row(rows)
         if best is None:
             print("nothing fits: per-device batch 1 is OOM for every mesh and remat policy tried")
             return
-        c = configure(c, remat=best["remat"], mesh=best["mesh"])
-        per_device = best["per_device_batch"]
-        print("best:", flush=True)
-    else:
-        c = configure(c, remat=F.remat, mesh=dict(kv.split("=") for kv in F.mesh.split(",")) if F.mesh else None)
-        per_device = F.per_device_batch
-    print(format_report(check(c, devices, per_device_batch=per_device, eval_step=F.eval_step, log=progress)),
+        mesh = ",".join(f"{k}={v}" for k, v in best["mesh"].items())
+        # the search compiled this cell already: its report, not a second compile of the same program
+        print(f"best: --mesh={mesh} --remat={best['remat']} --per_device_batch={best['per_device_batch']} (rerun "
+              f"with these for the eval step too)\n{format_report(best['report'])}", flush=True)
+        return
+    c = configure(c, remat=F.remat, mesh=parse_mesh(F.mesh) if F.mesh else None)
+    print(format_report(check(c, devices, per_device_batch=F.per_device_batch, eval_step=F.eval_step, log=progress)),
           flush=True)
-
 
 if __name__ == "__main__":
     from absl import app, flags
@@ -408,5 +430,7 @@ if __name__ == "__main__":
     flags.DEFINE_bool("eval_step", True, "also compile the eval step (--noeval_step: the train step only)")
     flags.DEFINE_bool("search", False, "search mesh shapes, remat policies and the per-device batch")
     flags.DEFINE_list("remats", ["full", "dots_with_no_batch_dims_saveable"], "remat policies --search tries")
+    flags.DEFINE_string("meshes", None, "mesh shapes --search tries, ';'-separated, e.g. \"fsdp=16;fsdp=8,tensor=2\" "
+                                        "(default: fully sharded, 2- and 4-way tensor, 2 data replicas)")
     flags.mark_flags_as_required(["config", "topology"])
     app.run(main)

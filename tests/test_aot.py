@@ -77,14 +77,47 @@ def test_largest_batch_follows_the_memory_line(monkeypatch):
                 "train": {"total": total, "fits": total <= 16 * aot.GiB, "hbm": 16 * aot.GiB, "compile_s": 0.0}}
 
     monkeypatch.setattr(aot, "check", fake_check)
-    b, r = aot.largest_batch(None, [None] * 4, log=lambda s: None)
-    assert (b, r["global_batch"]) == (6, 24)
+    b, oom, r = aot.largest_batch(None, [None] * 4, log=lambda s: None)
+    assert (b, oom, r["global_batch"]) == (6, None, 24)
     assert tried == [1, 2, 6]
     rows = [{"mesh": dict(data=1, fsdp=4, tensor=1), "remat": "full", "per_device_batch": 6, "global_batch": 24},
             {"mesh": dict(data=1, fsdp=4, tensor=1), "remat": "dots_saveable", "per_device_batch": 6,
              "global_batch": 24},
             {"mesh": dict(data=1, fsdp=2, tensor=2), "remat": "none", "per_device_batch": 0, "global_batch": 0}]
     assert aot.best_row(rows)["remat"] == "dots_saveable"  # same batch, less recompute
+
+
+def test_largest_batch_bisects_where_memory_bends(monkeypatch):
+    """Memory 1 + b²/100 GiB: the line from batches 1, 2 overshoots far; bisection then closes in on 38."""
+    tried = []
+
+    def fake_check(c, devices, *, per_device_batch, **kw):
+        tried.append(per_device_batch)
+        total = (1 + per_device_batch ** 2 / 100) * aot.GiB
+        return {"global_batch": per_device_batch,
+                "train": {"total": total, "fits": total <= 16 * aot.GiB, "hbm": 16 * aot.GiB, "compile_s": 0.0}}
+
+    monkeypatch.setattr(aot, "check", fake_check)
+    b, oom, _ = aot.largest_batch(None, [None], log=lambda s: None, max_compiles=12)
+    assert (b, oom) == (38, 39) and len(tried) <= 12
+    b, oom, _ = aot.largest_batch(None, [None], log=lambda s: None, max_compiles=5)
+    assert b <= 38 < oom and b > 2  # stopped early: an honest bracket, not a guess
+
+
+def test_search_tries_the_meshes_given_and_parse_mesh_names_a_bad_axis(monkeypatch):
+    assert aot.parse_mesh("fsdp=8,tensor=2") == {"data": 1, "fsdp": 8, "tensor": 2}
+    assert aot.parse_mesh("data=2,fsdp=-1") == {"data": 2, "fsdp": -1, "tensor": 1}
+    for bad in ["fsdp:8", "model=2", "fsdp=x"]:
+        with pytest.raises(ValueError, match="is not AXIS=SIZE"):
+            aot.parse_mesh(bad)
+    tried = []
+    monkeypatch.setattr(aot, "largest_batch", lambda c, devices, log: (tried.append((dict(c.mesh), c.model.llm.remat))
+                                                                       or (0, 1, None)))
+    rows = aot.search(tiny_config(), [None] * 16, ["full"], [aot.parse_mesh("fsdp=16")], log=lambda s: None)
+    assert tried == [({"data": 1, "fsdp": 16, "tensor": 1}, "full")] and rows[0]["per_device_batch"] == 0
+    tried.clear()
+    aot.search(tiny_config(), [None] * 16, ["full", "none"], log=lambda s: None)  # default: mesh_candidates(16)
+    assert len(tried) == 2 * len(aot.mesh_candidates(16)) == 8
 
 
 @pytest.mark.slow
