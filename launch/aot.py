@@ -21,6 +21,7 @@ import os
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import functools  # noqa: E402
+import gc  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -342,6 +343,10 @@ def largest_batch(c, devices, log, max_compiles: int = 5) -> tuple[int, int | No
     totals, fits, reports, cap, b = {}, {}, {}, None, 1
     while True:
         r = check(c, devices, per_device_batch=b, eval_step=False, log=log)
+        # drop what JAX caches of the last program: a 7B search's host memory grew compile by compile (its 5th was
+        # killed at 17.9 GB beside the test suite; one compile alone peaks at 10-12 GB)
+        jax.clear_caches()
+        gc.collect()
         t = r["train"]
         totals[b], fits[b], reports[b] = t["total"], t["fits"], r
         cap = t.get("hbm_xla", cap)  # the usable HBM XLA states when it refuses
