@@ -64,10 +64,11 @@ def evaluate(model, tokenizer, c, eval_path: Path, num_per_task: int, sample_ste
     answers = [tokenizer.decode([t for t in row if t not in (ids.eos, ids.pad)], skip_special_tokens=True).strip()
                for row in tokens]
     truth = [r["conversations"][1]["value"].strip() for r in rows]  # the prompt is the first question
-    out["understanding_accuracy"] = float(np.mean([a == t for a, t in zip(answers, truth)]))
-    out["understanding_by_question"] = by_question(rows, answers)
-    examples = [f"  Q: {r['conversations'][0]['value'].replace('<image>', '').strip()}  A: {a!r}  (truth {t!r})"
-                for r, a, t in list(zip(rows, answers, truth))[:4]]
+    questions = [r["conversations"][0]["value"].replace("<image>", "").strip() for r in rows]
+    correct = [a == t for a, t in zip(answers, truth)]
+    out["understanding_accuracy"] = float(np.mean(correct))
+    out["understanding_by_question"] = by_question(questions, correct)
+    examples = [f"  Q: {q}  A: {a!r}  (truth {t!r})" for q, a, t in list(zip(questions, answers, truth))[:4]]
 
     for task, key, name in (("t2i", "scene", "generation"), ("edit", "target", "editing")):
         rows = by_task[task]
@@ -82,13 +83,12 @@ def evaluate(model, tokenizer, c, eval_path: Path, num_per_task: int, sample_ste
     return out, examples
 
 
-def by_question(rows: list[dict], answers: list[str]) -> dict[str, float]:
-    """Accuracy of the answers to each kind of first question (colour, kind, position, ...): one number hides a
-    part the model has not learned (position was 33 % while the overall score looked fine)."""
+def by_question(questions: list[str], correct: list[bool]) -> dict[str, float]:
+    """Accuracy per kind of question (colour, kind, position, ...): one number hides a part the model has not
+    learned (position was 33 % while the overall score looked fine)."""
     hits: dict[str, list[bool]] = {}
-    for r, a in zip(rows, answers):
-        q = r["conversations"][0]["value"].replace("<image>", "").strip()
-        hits.setdefault(q, []).append(a == r["conversations"][1]["value"].strip())
+    for q, ok in zip(questions, correct):
+        hits.setdefault(q, []).append(ok)
     return {q: float(np.mean(h)) for q, h in sorted(hits.items())}
 
 

@@ -421,6 +421,7 @@ def main(argv):
     print(format_report(check(c, devices, per_device_batch=F.per_device_batch, eval_step=F.eval_step, log=progress)),
           flush=True)
 
+
 if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
