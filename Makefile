@@ -16,7 +16,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 # two workers: most of the suite's time is XLA compiling on one core; --dist loadfile keeps each test file (and its
-# module fixtures) on one worker. About 26 min on 2 cores (55 min of CPU).
+# module fixtures) on one worker. About 30 min on 2 cores (58 min of CPU).
 PYTEST = $(PY) -m pytest -q -n 2 --dist loadfile
 
 test: $(STAMP)
