@@ -39,12 +39,16 @@ def qformer_rules(cfg: QFormerConfig, prefix: str = "", ours: str = "") -> tuple
     """The Q-former's table; `prefix` is the HF key prefix ("qformer." in full BLIP-2), `ours` our path prefix.
 
     Our stacked group i holds HF layers f*i .. f*i+f-1 (f = cross_attention_frequency, the group's first layer is
-    the one with cross-attention): slice i of the group's layer j is HF layer f*i + j.
+    the one with cross-attention): slice i of the group's layer j is HF layer f*i + j. The unstacked tail's layer j
+    (num_layers % f of them) is HF layer f*G + j, G = the number of full groups.
     """
     f = cfg.cross_attention_frequency
     rules = [*_norm(f"{prefix}layernorm", f"{ours}norm")]
-    for j in range(f):
-        hf, us, kw = f"{prefix}encoder.layer.{{i}}.", f"{ours}groups/layers/{j}/", dict(stride=f, offset=j)
+    layers = [(f"{prefix}encoder.layer.{{i}}.", f"{ours}groups/layers/{j}/", j, dict(stride=f, offset=j))
+              for j in range(f if cfg.num_groups else 0)]
+    layers += [(f"{prefix}encoder.layer.{cfg.num_groups * f + j}.", f"{ours}tail/layers/{j}/", j, {})
+               for j in range(cfg.tail_layers)]
+    for hf, us, j, kw in layers:
         for block, name in (("attention", "self_attn"), ("crossattention", "cross_attn"))[:2 if j == 0 else 1]:
             for hf_name, our_name, transform in _ATTN:
                 rules += _linear(f"{hf}{block}.{hf_name}", f"{us}{name}/{our_name}", transform, **kw)

@@ -25,6 +25,9 @@ CONFIGS = {
     # BLIP-2's pattern: cross-attention in layers 0 and 2 only; 6 heads, encoder wider than the queries
     "freq2": dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=6, intermediate_size=80,
                   encoder_hidden_size=40, cross_attention_frequency=2, layer_norm_eps=1e-6),
+    # 3 layers at frequency 2: cross-attention in layers 0 and 2, a last group of one layer after the scanned one
+    "freq2_odd": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+                      encoder_hidden_size=24, cross_attention_frequency=2),
 }
 
 
@@ -114,14 +117,15 @@ def test_grad_wrt_encoder_states_matches_torch(tmp_path, name):
     assert np.all(np.asarray(grad)[1, 4:] == 0)  # masked states get no gradient
 
 
-def test_round_trip_reloads_strictly_with_identical_outputs(tmp_path):
-    model, path = hf_qformer(tmp_path, "freq2")
+@pytest.mark.parametrize("name", ["freq2", "freq2_odd"])
+def test_round_trip_reloads_strictly_with_identical_outputs(tmp_path, name):
+    model, path = hf_qformer(tmp_path, name)
     out_dir = tmp_path / "back"
     conv.to_hf(conv.from_hf(path), out_dir, max_shard_bytes=30_000)  # small shards: the index on both sides
     assert (out_dir / "model.safetensors.index.json").exists()
     back, info = Blip2QFormerModel.from_pretrained(str(out_dir), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    q, enc, mask = inputs(CONFIGS["freq2"])
+    q, enc, mask = inputs(CONFIGS[name])
     with torch.no_grad():
         np.testing.assert_array_equal(hf_out(back.eval(), q, enc, mask).numpy(), hf_out(model, q, enc, mask).numpy())
 
@@ -203,7 +207,7 @@ def test_7b_head_maps_img_states_to_sd_conditioning_shape():
     out = jax.eval_shape(lambda s, h, e: nnx.merge(graphdef, s)(h, e), state, x, x)
     assert out.shape == (2, 77, 768)
     with pytest.raises(ValueError, match="cross_attention_frequency"):
-        QFormerConfig(num_layers=3, cross_attention_frequency=2)
+        QFormerConfig(num_layers=3, cross_attention_frequency=0)
 
 
 def test_checkpoint_and_cli_round_trip_of_the_head(tmp_path):

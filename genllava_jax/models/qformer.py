@@ -2,7 +2,8 @@
 GenLLaVA generation head built on it (LLM [IMG] states -> Stable Diffusion conditioning).
 
 Layer l has cross-attention iff l % cross_attention_frequency == 0, so the layers come in identical groups of
-`cross_attention_frequency` (one cross-attention layer, then plain ones); the groups are stacked and scanned.
+`cross_attention_frequency` (one cross-attention layer, then plain ones); the full groups are stacked and scanned,
+and a shorter last group (num_layers not a multiple of the frequency, e.g. 3 layers at frequency 2) runs after them.
 """
 
 from __future__ import annotations
@@ -43,13 +44,22 @@ class QFormerConfig:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
-        if self.cross_attention_frequency < 1 or self.num_layers % self.cross_attention_frequency:
-            raise ValueError(f"num_layers={self.num_layers} must be a multiple of cross_attention_frequency="
-                             f"{self.cross_attention_frequency} (the layers are scanned in groups of that size)")
+        if self.cross_attention_frequency < 1 or self.num_layers < 1:
+            raise ValueError(f"num_layers={self.num_layers} and cross_attention_frequency="
+                             f"{self.cross_attention_frequency} must be at least 1")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def num_groups(self) -> int:
+        """Full groups of `cross_attention_frequency` layers (stacked); `tail_layers` more follow them."""
+        return self.num_layers // self.cross_attention_frequency
+
+    @property
+    def tail_layers(self) -> int:
+        return self.num_layers % self.cross_attention_frequency
 
     def replace(self, **kw):
         return dataclasses.replace(self, **kw)
@@ -121,10 +131,11 @@ class Layer(nnx.Module):
 
 
 class Group(nnx.Module):
-    """`cross_attention_frequency` consecutive layers: the first with cross-attention, the others without."""
+    """`size` (default `cross_attention_frequency`) consecutive layers: the first with cross-attention."""
 
-    def __init__(self, cfg: QFormerConfig, *, rngs: nnx.Rngs):
-        self.layers = nnx.List([Layer(cfg, cross=j == 0, rngs=rngs) for j in range(cfg.cross_attention_frequency)])
+    def __init__(self, cfg: QFormerConfig, size: int | None = None, *, rngs: nnx.Rngs):
+        size = cfg.cross_attention_frequency if size is None else size
+        self.layers = nnx.List([Layer(cfg, cross=j == 0, rngs=rngs) for j in range(size)])
 
     def __call__(self, x_BTD, enc_BSE, enc_mask_B1TS):
         for layer in self.layers:
@@ -139,8 +150,8 @@ class QFormer(nnx.Module):
         self.cfg = cfg
         self.norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype=jnp.dtype(cfg.dtype),
                               param_dtype=jnp.dtype(cfg.param_dtype))
-        self.groups = stack_layers(lambda r: Group(cfg, rngs=r), cfg.num_layers // cfg.cross_attention_frequency,
-                                   rngs)
+        self.groups = stack_layers(lambda r: Group(cfg, rngs=r), cfg.num_groups, rngs) if cfg.num_groups else None
+        self.tail = Group(cfg, cfg.tail_layers, rngs=rngs) if cfg.tail_layers else None
 
     def __call__(self, query_embeds_BQD, encoder_hidden_states_BSE, encoder_attention_mask_BS=None):
         dtype = jnp.dtype(self.cfg.dtype)
@@ -152,7 +163,10 @@ class QFormer(nnx.Module):
         def body(group, x, _):
             return group(x, enc, mask), None
 
-        x, _ = scan_layers(self.groups, body, x, policy=self.cfg.remat, scan=self.cfg.scan)
+        if self.groups is not None:
+            x, _ = scan_layers(self.groups, body, x, policy=self.cfg.remat, scan=self.cfg.scan)
+        if self.tail is not None:
+            x = self.tail(x, enc, mask)
         return x
 
 
