@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-PARTS = ("mistral", "siglip", "projector", "qformer", "unet", "vae")
+PARTS = ("mistral", "siglip", "clip", "projector", "qformer", "unet", "vae")
 
 
 def main(argv=None) -> int:

@@ -302,11 +302,12 @@ def hf_tensors(module: nnx.Module, rules: Sequence[Rule], dtype=None):
             a = a.astype(dtype)
         layer_shape = shape[1:] if rule.stacked else shape
         hf_shape = rule.transform.hf_shape(layer_shape)
+        # np.require, not ascontiguousarray: that turns a 0-d tensor (CLIP's logit_scale) into shape (1,)
         if rule.stacked:
             for i in range(shape[0]):
-                yield rule.key(i), np.ascontiguousarray(rule.transform.to_hf(a[i], hf_shape))
+                yield rule.key(i), np.require(rule.transform.to_hf(a[i], hf_shape), requirements="C")
         else:
-            yield rule.hf, np.ascontiguousarray(rule.transform.to_hf(a, hf_shape))
+            yield rule.hf, np.require(rule.transform.to_hf(a, hf_shape), requirements="C")
 
 
 @contextlib.contextmanager

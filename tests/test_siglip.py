@@ -293,5 +293,5 @@ def test_preprocessing_equals_hf_processor_for_sizes_and_modes():
             ours = preprocess(image, cfg)
             assert ours.dtype == np.float32
             np.testing.assert_array_equal(ours, ref, err_msg=name)
-    with pytest.raises(ValueError, match="shortest_edge"):
-        ImageConfig.from_hf({"size": {"shortest_edge": 224}})
+    with pytest.raises(ValueError, match="longest_edge"):
+        ImageConfig.from_hf({"size": {"longest_edge": 224}})

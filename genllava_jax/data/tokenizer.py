@@ -1,4 +1,5 @@
-"""The tokenizer: any local HF tokenizer directory plus GenLLaVA's special tokens; a BPE trainer for small worlds."""
+"""The tokenizer: any local HF tokenizer directory plus GenLLaVA's special tokens; a BPE trainer for small worlds;
+CLIP's tokenizer (Stable Diffusion's prompts, CLIP scores)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import transformers
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -76,3 +78,18 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, *, num_img_tokens
                                               additional_special_tokens=special[4:])
     hf.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+def load_clip_tokenizer(path: str | Path):
+    """The HF CLIP tokenizer saved in a local folder (a CLIP checkpoint's, or an SD pipeline's `tokenizer/`)."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"CLIP tokenizer directory {str(path)!r} does not exist")
+    return transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+def clip_tokens(tokenizer, texts: Iterable[str], max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask), int32 (B, max_length): padded to `max_length` (default the tokenizer's
+    model_max_length, 77 for CLIP) and truncated, as Stable Diffusion's pipelines encode prompts."""
+    enc = tokenizer(list(texts), padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                    truncation=True, return_tensors="np")
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)

@@ -1,4 +1,4 @@
-"""One file a part: mistral, siglip, qformer, unet, vae, genllava.
+"""One file a part: mistral, siglip, clip, qformer, unet, vae, genllava.
 
 REGISTRY maps a part name to (module, config class, model class): what our checkpoints record in `config.json`
 so that `genllava_jax.checkpoint.load_module` can rebuild the model abstractly and restore it onto a mesh.
@@ -13,6 +13,7 @@ REGISTRY = {
     "qformer": ("genllava_jax.models.qformer", "QFormerHeadConfig", "QFormerHead"),
     "siglip": ("genllava_jax.models.siglip", "SiglipVisionConfig", "SiglipVision"),
     "projector": ("genllava_jax.models.projector", "ProjectorConfig", "Projector"),
+    "clip": ("genllava_jax.models.clip", "CLIPConfig", "CLIP"),
 }
 
 
