@@ -50,7 +50,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # the Markdown table's columns per benchmark (results.csv has every metric); MME's are points, the rest fractions
 HEADLINE = {"vqav2": ("accuracy",), "textvqa": ("accuracy",), "gqa": ("accuracy",),
             "pope": ("f1", "accuracy", "yes_ratio"), "mme": ("perception", "cognition"),
-            "scienceqa": ("img_accuracy", "accuracy"), "mmbench": ("accuracy", "circular_accuracy"),
+            "scienceqa": ("img_accuracy", "accuracy"), "mmbench": ("circular_accuracy", "accuracy"),
             "seed": ("accuracy",)}
 POINTS = ("mme",)
 
@@ -268,10 +268,13 @@ class Cell:
     def path(self, out: Path, suffix: str) -> Path:
         return out / "cells" / self.checkpoint.dirname / self.setting / f"{self.benchmark.name}{suffix}"
 
-    def spec(self, batch_size: int, buckets: Sequence[int]) -> dict:
-        return {"checkpoint": self.checkpoint.path, "step": self.checkpoint.step, "setting": self.setting,
+    def spec(self, batch_size: int, buckets: Sequence[int], lenient: bool = False) -> dict:
+        spec = {"checkpoint": self.checkpoint.path, "step": self.checkpoint.step, "setting": self.setting,
                 "settings": dataclasses.asdict(self.settings), "benchmark": self.benchmark.name,
                 "files": list(self.benchmark.files), "batch_size": batch_size, "length_buckets": list(buckets)}
+        if lenient:  # only when asked, so that cells made before the option existed still match
+            spec["lenient"] = True
+        return spec
 
 
 def _diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
@@ -310,8 +313,12 @@ def finish_cell(cell: Cell, out: Path, spec: dict, items: Sequence[Item], answer
     tmp = path.with_name(path.name + ".tmp")
     write_answers(tmp, recs)
     os.replace(tmp, path)
-    metrics = score(cell.benchmark.name, texts, items) if all(it.answers for it in items) else {}
-    done = {**spec, "n": len(items), "metrics": metrics}
+    done = {**spec, "n": len(items), "metrics": {}}
+    if all(it.answers for it in items):
+        try:
+            done["metrics"] = score(cell.benchmark.name, texts, items, lenient=spec.get("lenient", False))
+        except ValueError as e:  # answers the official scorer cannot read: keep them, say why there is no number
+            done["score_error"] = str(e)
     _write_json(cell.path(out, ".done.json"), done)
     return done
 
@@ -365,9 +372,11 @@ class Summary:
 
 
 def run(checkpoints: Sequence[str], benchmarks: Sequence[Benchmark], settings: Mapping[str, infer.Settings], out,
-        *, batch_size: int = 0, length_buckets: Sequence[int] = DEFAULT_BUCKETS, mesh=None) -> Summary:
+        *, batch_size: int = 0, length_buckets: Sequence[int] = DEFAULT_BUCKETS, mesh=None,
+        lenient: bool = False) -> Summary:
     """Evaluates every (checkpoint, setting, benchmark) cell not yet finished under `out`; see the module doc.
-    batch_size 0: 8 rows per device."""
+    batch_size 0: 8 rows per device. `lenient`: also the multiple-choice metrics under a rule that is not official
+    (`lenient/...` in results.csv)."""
     out = Path(out)
     mesh = shd.make_mesh({"data": -1}) if mesh is None else mesh
     batch_size = batch_size or 8 * mesh.size
@@ -385,7 +394,7 @@ def run(checkpoints: Sequence[str], benchmarks: Sequence[Benchmark], settings: M
     for path in checkpoints:
         ckpt = Checkpoint(os.path.normpath(path), latest_step(path))
         cells = [Cell(ckpt, name, s, b) for name, s in settings.items() for b in benchmarks]
-        specs = [c.spec(batch_size, buckets) for c in cells]
+        specs = [c.spec(batch_size, buckets, lenient) for c in cells]
         status = [cell_status(c, out, s) for c, s in zip(cells, specs)] if main else ["todo"] * len(cells)
         bad = [s for s in status if s not in ("done", "todo")]
         if _from_main(np.array(len(bad))):
@@ -415,7 +424,7 @@ def run(checkpoints: Sequence[str], benchmarks: Sequence[Benchmark], settings: M
                 done = finish_cell(cell, out, spec, items[name], answered, model_id)
                 write_results(out)
                 shown = {m: round(v, 4) for m, v in done["metrics"].items() if m in HEADLINE[name]}
-                tqdm.write(f"{ckpt.label} {cell.setting} {name}: {shown}", file=sys.stderr)
+                tqdm.write(f"{ckpt.label} {cell.setting} {name}: {done.get('score_error', shown)}", file=sys.stderr)
             summary.cells_run += 1
         summary.answered += runner.answered
     if main:
@@ -432,6 +441,8 @@ def define_flags():
     flags.DEFINE_string("out", None, "output directory (answers, results.csv, results.md); resumable")
     flags.DEFINE_integer("batch_size", 0, "global batch size (a multiple of the devices); 0: 8 per device")
     flags.DEFINE_list("length_buckets", [str(b) for b in DEFAULT_BUCKETS], "prompt length buckets")
+    flags.DEFINE_bool("lenient", False, "also score multiple choice with a lenient, NOT official rule "
+                      "(lenient/... columns in results.csv)")
 
 
 def _main(argv):
@@ -448,7 +459,7 @@ def _main(argv):
     if len(settings) != len(F.settings):
         raise app.UsageError(f"a --settings name is given twice: {F.settings}")
     s = run(F.checkpoints, [parse_benchmark(b) for b in F.benchmark], settings, F.out, batch_size=F.batch_size,
-            length_buckets=[int(b) for b in F.length_buckets])
+            length_buckets=[int(b) for b in F.length_buckets], lenient=F.lenient)
     if jax.process_index() == 0:
         print(f"{s.cells_run} cells run, {s.cells_skipped} already done, {s.answered} new answers")
         print((Path(F.out) / "results.md").read_text())

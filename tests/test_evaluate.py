@@ -1,8 +1,10 @@
-"""Benchmark scorers against worked examples from their official definitions; readers on files in the official
-layouts, written here."""
+"""Benchmark scorers against cases written here, each expected result derived by reading the official code (the
+commits are named in genllava_jax/evaluate/scorers.py and choice.py) and, where the rule is short, against its
+logic transcribed in the test; readers on files in the official layouts, written here."""
 
 import base64
 import csv
+import dataclasses
 import io
 import json
 import random
@@ -60,9 +62,11 @@ def test_vqa_accuracy_ten_answers(matches, expected):
 
 
 def test_vqa_accuracy_normalises_both_sides_and_matches_official_loop():
+    # TextVQA (m4c): EvalAI's processor on the prediction and on every human answer
     assert ev.vqa_accuracy("dog", ["a dog"] * 3 + ["cat"] * 7) == pytest.approx(0.9)
     assert ev.vqa_accuracy("Yes.", ["yes"] * 10) == 1.0
     assert ev.vqa_accuracy("no", ["yes"] * 10) == 0.0
+    assert ev.vqa_accuracy("two", ["Two"] * 10) == 1.0
     rng = random.Random(0)
     pool = ["2", "two", "dog", "a dog", "yes", "Yes.", "cat"]
     for _ in range(300):
@@ -73,9 +77,24 @@ def test_vqa_accuracy_normalises_both_sides_and_matches_official_loop():
         ev.vqa_accuracy("x", [])
 
 
+@pytest.mark.parametrize("pred, answers, acc", [
+    ("two", ["2"] * 10, 1.0),               # LLaVA's submission is "2"; unanimous humans compared as released
+    ("two", ["two"] * 10, 0.0),             # ... so a unanimous "two" never matches the submitted "2"
+    ("Two", ["two"] * 9 + ["2"], 1.0),      # humans disagree: both sides normalised, all ten become "2"
+    ("dog", ["a dog"] * 3 + ["cat"] * 7, 0.9),
+    ("dog", ["a dog"] * 10, 0.0),           # unanimous "a dog" keeps its article
+    (" Yes. ", [" yes"] * 10, 1.0),         # both sides are stripped
+    ("red-white", ["red white"] * 4 + ["red"] * 6, 1.0),
+])
+def test_vqav2_accuracy_as_the_vqa_server(pred, answers, acc):
+    assert ev.vqav2_accuracy(pred, answers) == pytest.approx(acc)
+
+
 def test_gqa_match():
+    # LLaVA: text.rstrip('.').lower(); GQA's eval.py: predicted == gold
     assert ev.gqa_match("Yes.", "yes")
-    assert ev.gqa_match(" left. ", "left")
+    assert ev.gqa_match("Left..", "left")
+    assert not ev.gqa_match(" left. ", "left")  # no whitespace strip (LLaVA's answers are stripped when written)
     assert not ev.gqa_match("the left", "left")
     assert not ev.gqa_match("2", "two")  # GQA has no number-word rule
 
@@ -132,37 +151,85 @@ def test_mme_scores_acc_plus():
     assert s["count"] == pytest.approx(200)
     assert s["code_reasoning"] == pytest.approx(50)
     assert s["perception"] == pytest.approx(325) and s["cognition"] == pytest.approx(50)
-    with pytest.raises(ValueError, match="has 1 questions"):
+    with pytest.raises(ValueError, match="does not have its two questions"):
         ev.mme_scores([{"category": "count", "image": "x", "answer": "yes", "prediction": "yes"}])
     with pytest.raises(ValueError, match="unknown MME subtask"):
         ev.mme_scores([{"category": "poetry", "image": "x", "answer": "yes", "prediction": "yes"}])
 
 
+def test_mme_scores_refuse_what_calculation_py_cannot_read():
+    def rec(image, pred, answer="Yes"):
+        return {"category": "count", "image": image, "answer": answer, "prediction": pred}
+
+    # calculation.py splits each result line on tabs into four fields, and reads two consecutive lines per image
+    with pytest.raises(ValueError, match="'c1'.*tab or line break"):
+        ev.mme_scores([rec("c1", "Yes\nNo"), rec("c1", "No")])
+    with pytest.raises(ValueError, match="'c1' does not have its two questions next to each other"):
+        ev.mme_scores([rec("c1", "Yes"), rec("c2", "Yes"), rec("c1", "No"), rec("c2", "No")])
+    # its parser reads the prediction with the line's "\n": the same label as the bare text, e.g. "no" in "no\n"
+    s = ev.mme_scores([rec("c1", "no", "no"), rec("c1", "Nah", "no")])
+    assert s["count/acc"] == 0.5 and s["count/acc_plus"] == 0.0
+
+
 # --- multiple choice ------------------------------------------------------------------------------------------------
 
-CHOICES = ["dog", "cat", "red bird"]
 
-
-@pytest.mark.parametrize("text, lenient, strict", [
-    ("A", "A", "A"), ("B. cat", "B", "B"), ("The answer is C.", "C", "C"), ("The answer is B", "B", "B"),
-    ("A.", "A", None), ("(B)", "B", None), ("Answer: C", "C", None), ("I think it is (B).", "B", None),
-    ("cat", "B", None), ("It is a red bird", "C", None), ("Red bird.", "C", None),
-    ("D", None, None),                     # not an option here
-    ("A cat sits on a red bird", None, None),  # a lone "A" in a sentence is the article; two option texts
-    ("B or C", None, None), ("", None, None),
+@pytest.mark.parametrize("text, n, letter", [
+    ("A", 4, "A"), ("B. cat", 4, "B"), ("The answer is C.", 4, "C"), ("E", 5, "E"),
+    ("B\na song", 4, None),               # the issue's example: not a letter, no "X. ", no "The answer is"
+    ("A\nThe answer is B.", 4, "B"),       # the issue's example: the "The answer is" search wins
+    ("The answer is B", 4, None),          # their pattern needs one more character after the letter
+    ("The answer is B\n", 4, None),        # ... and '.' does not match a newline
+    ("The answer is BC", 4, "B"),
+    ("The answer is A. The answer is B.", 4, None),  # two matches: FAILED
+    ("The answer is C.", 2, None),          # a letter past the choices scores wrong
+    ("E", 4, None), ("F", 6, None),         # options are A-E only
+    ("(B)", 4, None), ("B.", 4, None), ("b", 4, None), ("AB", 4, None), ("", 4, None), (" A", 4, None),
 ])
-def test_extract_choice(text, lenient, strict):
-    assert ev.extract_choice(text, CHOICES) == lenient
-    assert ev.extract_choice(text, CHOICES, strict=True) == strict
+def test_scienceqa_choice(text, n, letter):
+    assert ev.scienceqa_choice(text, n) == letter
 
 
-def test_multiple_choice_and_circular_accuracy():
-    preds, answers = ["A", "(B)", "cat", "D"], ["A", "B", "A", "D"]
-    choices = [CHOICES, CHOICES, CHOICES, CHOICES + ["fish"]]
-    assert ev.multiple_choice_accuracy(preds, answers, choices) == 0.75
-    assert ev.multiple_choice_accuracy(preds, answers, choices, strict=True) == 0.5
-    # group 1: all rotations right; group 2: one wrong; group 3: single pass right
-    assert ev.circular_accuracy([True, True, True, False, True], [1, 1, 2, 2, 3]) == pytest.approx(2 / 3)
+def test_seed_right_is_the_letter_itself():
+    assert ev.seed_right("A", "A")
+    for text in ("A. One", "The answer is A.", "A.", "(A)", "a"):
+        assert not ev.seed_right(text, "A")
+
+
+CHOICES = ["dog", "cat", "red bird", "fish"]
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("A", "A"), ("(B)", "B"), ("B.", "B"), ("Answer: C", "C"), ("I choose A", "A"),  # a lone A is a letter
+    ("A is the answer", "A"),
+    ("A cat sits on the red bird here today", None),  # A is not among the last four words; text too long
+    ("A cat", "A"),
+    ("B or C", None), ("E", None), ("", None),
+    ("Cannot determine the answer from the image.", "Z"), ("Z", "Z"),   # refusals: read, and always wrong
+    ("The correct answer is **B** because the cat is red.", "B"),      # B too early; their verbose pattern finds it
+    ("the answer is a", "A"),                 # that pattern ignores case
+    ("cat", "B"), ("Red bird.", "C"), ("It is a red bird", "C"), ("dog and cat", None),
+    ("Failed to obtain answer via API", None),
+])
+def test_mmbench_choice(text, letter):
+    assert ev.mmbench_choice(text, CHOICES) == letter
+
+
+def test_lenient_choice_is_opt_in_and_labelled(tmp_path):
+    assert ev.lenient_choice("B\na song", CHOICES) == "B"           # newlines read as ". "
+    assert ev.lenient_choice("I think (C).", CHOICES) == "C"
+    assert ev.lenient_choice("Cannot determine the answer", CHOICES) is None
+    qs = _jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "image": "x.png", "text": "Q?\nA. a\nB. b"}])
+    items = ev.read_seed(qs, tmp_path)
+    items = [dataclasses.replace(items[0], answers=("B",))]
+    assert ev.score("seed", ["B. b"], items) == {"accuracy": 0.0}
+    assert ev.score("seed", ["B. b"], items, lenient=True) == {"accuracy": 0.0, "lenient/accuracy": 1.0}
+
+
+def test_mmbench_circular():
+    # groups 1, 2: main item + copies; group 3: only a copy (not counted, as VLMEvalKit's main-row loop)
+    right, groups = [True, True, True, False, True], [1, 1, 2, 2, 3]
+    assert ev.mmbench_circular(right, groups, [True, False, True, False, False]) == [(1, True), (2, False)]
 
 
 # --- image metrics --------------------------------------------------------------------------------------------------
@@ -384,6 +451,9 @@ def test_scienceqa_reader_and_img_accuracy(tmp_path):
     assert ev.score("scienceqa", ["B", "A"], items) == {"accuracy": 1.0, "img_accuracy": 1.0}
     # LLaVA's strict rules: "(B)" is not an answer it accepts
     assert ev.score("scienceqa", ["(B)", "The answer is A."], items) == {"accuracy": 0.5, "img_accuracy": 0.0}
+    # the answer file keeps "<image>" where model_vqa_science.py writes it: eval_science_qa.py finds IMG by it
+    recs = [ev.answer_record(it, "B", "m") for it in items]
+    assert recs[0]["prompt"] == "<image>\n" + items[0].prompt and "<image>" not in recs[1]["prompt"]
     # without problems.json the choices come from the prompt
     assert ev.read_scienceqa(qs, tmp_path / "test")[1].meta["choices"] == ["apple", "rock", "sand"]
 
@@ -414,8 +484,10 @@ def test_mmbench_reader_rounds_and_circular(tmp_path):
     assert items[2].prompt.startswith("Compare the two.\nWhich is larger?\nA. 1\nB. 2")
     assert items[1].load_image().getpixel((0, 0)) == (0, 255, 0)
     assert [it.meta["group"] for it in items] == [0, 0, 1]
+    assert [it.meta["main"] for it in items] == [True, False, True]
     m = ev.score("mmbench", ["B", "blue", "(B)"], items)  # second pass of question 0 wrong
-    assert m == pytest.approx({"accuracy": 2 / 3, "circular_accuracy": 0.5})
+    assert m == pytest.approx({"accuracy": 2 / 3, "circular_accuracy": 0.5, "category/attribute": 0.0,
+                               "category/math": 1.0})
     # LLaVA's --all-rounds rotations: round r shifts the options by r and the answer letter with them
     rounds = ev.read_mmbench(tsv, all_rounds=True)
     first = [it for it in rounds if it.question_id == 0]

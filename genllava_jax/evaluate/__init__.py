@@ -1,15 +1,18 @@
 """Benchmarks: readers for LLaVA's evaluation files, their official scorers, and image-generation metrics.
 
-Scorers, plain functions on strings (`scorers.py`):
+Scorers, plain functions on strings, each equal to the official code (`scorers.py`, `choice.py`):
     normalize_answer(text) -> str                      EvalAI/VQA answer normalisation
-    vqa_accuracy(prediction, answers) -> float         VQAv2/TextVQA leave-one-out soft accuracy (10 answers)
+    vqav2_accuracy(prediction, answers) -> float       VQAv2 (LLaVA's submission + the VQA server's vqaEval.py)
+    vqa_accuracy(prediction, answers) -> float         TextVQA (LLaVA's m4c_evaluator.py)
     gqa_match(prediction, answer) -> bool
     pope_metrics(predictions, labels) -> dict          accuracy, precision, recall, f1, yes_ratio, tp/fp/tn/fn
     mme_scores(records) -> dict                        records: {category, image, answer, prediction};
                                                        '<subtask>', '<subtask>/acc', '/acc_plus', perception, cognition
-    extract_choice(text, choices, strict=False) -> letter | None
-    multiple_choice_accuracy(predictions, answers, choices, strict=False) -> float
-    circular_accuracy(correct, groups) -> float        MMBench CircularEval
+    scienceqa_choice(text, n_choices) -> letter | None LLaVA's eval_science_qa.py
+    seed_right(text, answer) -> bool                   LLaVA's SEED-Bench rule (the letter itself)
+    mmbench_choice(text, choices) -> letter | 'Z' | None   VLMEvalKit's can_infer (exact matching)
+    mmbench_circular(right, groups, mains) -> [(group, hit)]   VLMEvalKit's CircularEval
+    lenient_choice(text, choices) -> letter | None     NOT official: opt-in, reported as lenient/<metric>
 Image metrics on (N, D) features from an encoder of your choice (`image_metrics.py`):
     clip_score(image_feats, text_feats), fid(feats_a, feats_b), dino_score(feats_a, feats_b),
     gaussian_stats(feats), frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
@@ -18,7 +21,8 @@ Benchmarks (`readers.py`, `benchmarks.py`), names in BENCHMARKS:
                                                        answers_json); or the read_<name> functions directly
     Item: question_id, prompt, image (path | bytes | None), answers, meta, source ('file:line'), key (unique),
           load_image() -> PIL RGB image
-    score(name, predictions, items) -> dict[str, float]   predictions: list aligned with items or {item.key: text}
+    score(name, predictions, items, lenient=False) -> dict[str, float]
+                                                       predictions: list aligned with items or {item.key: text}
     answer_record(item, text, model_id) / write_answers(path, records, append) / read_answers(path)
     align_answers(records, items) -> list[str]         a LLaVA answer file back onto items
 
@@ -46,15 +50,14 @@ from genllava_jax.evaluate.readers import (
     read_vqav2,
     write_answers,
 )
+from genllava_jax.evaluate.choice import lenient_choice, mmbench_choice, mmbench_circular, scienceqa_choice, seed_right
 from genllava_jax.evaluate.scorers import (
-    circular_accuracy,
-    extract_choice,
     gqa_match,
     mme_scores,
-    multiple_choice_accuracy,
     normalize_answer,
     pope_metrics,
     vqa_accuracy,
+    vqav2_accuracy,
 )
 
 BENCHMARKS = tuple(SCORERS)
@@ -64,6 +67,6 @@ __all__ = [
     "clip_score", "dino_score", "fid", "frechet_distance", "gaussian_stats",
     "Item", "align_answers", "answer_record", "read_answers", "write_answers",
     "read_gqa", "read_mmbench", "read_mme", "read_pope", "read_scienceqa", "read_seed", "read_textvqa", "read_vqav2",
-    "circular_accuracy", "extract_choice", "gqa_match", "mme_scores", "multiple_choice_accuracy", "normalize_answer",
-    "pope_metrics", "vqa_accuracy",
+    "gqa_match", "lenient_choice", "mmbench_choice", "mmbench_circular", "mme_scores", "normalize_answer",
+    "pope_metrics", "scienceqa_choice", "seed_right", "vqa_accuracy", "vqav2_accuracy",
 ]

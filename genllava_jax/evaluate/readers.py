@@ -20,7 +20,7 @@ import uuid
 from collections import Counter
 from typing import Any, Iterator, Mapping, Sequence
 
-from genllava_jax.evaluate.scorers import LETTERS
+from genllava_jax.evaluate.choice import LETTERS
 
 SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
 
@@ -205,13 +205,16 @@ def read_gqa(questions, image_folder, answers=None) -> list[Item]:
         raise ValueError(f"{answers}: expected a JSON object keyed by question id")
     items = []
     for where, q, image in _questions(questions, image_folder):
-        ref = ()
+        ref, meta = (), {"category": q.get("category")}
         if gold is not None:
             g = gold.get(str(q["question_id"]))
             if g is None or "answer" not in g:
                 raise ValueError(f"{where}: question_id {q['question_id']!r} has no answer in {answers}")
             ref = (g["answer"],)
-        items.append(Item(q["question_id"], q["text"], image, ref, {"category": q.get("category")}, where))
+            structural = (g.get("types") or {}).get("structural")
+            if structural is not None:  # eval.py's binary/open split
+                meta["answer_kind"] = "open" if structural == "query" else "binary"
+        items.append(Item(q["question_id"], q["text"], image, ref, meta, where))
     return _with_keys(items)
 
 
@@ -310,7 +313,9 @@ def read_mme(questions, image_folder, gt_dir=None) -> list[Item]:
 def read_scienceqa(questions, image_folder, problems=None, single_pred_prompt: bool = True) -> list[Item]:
     """`llava_test_CQM-A.json` (a JSON list of {id, conversations, image?}) + `test/` images; answers and choices
     from ScienceQA's `problems.json` ({pid: {choices, answer: index}}). The prompt is the first human turn without
-    `<image>`, plus LLaVA-1.5's single-letter instruction when `single_pred_prompt`."""
+    `<image>`, plus LLaVA-1.5's single-letter instruction when `single_pred_prompt`; the answer file's prompt
+    (meta['answer_prompt']) starts with "<image>\n" for questions with an image, as model_vqa_science.py writes it:
+    eval_science_qa.py finds the IMG split by it."""
     data = _json(questions)
     if not isinstance(data, list):
         raise ValueError(f"{questions}: expected a JSON list of questions")
@@ -331,7 +336,9 @@ def read_scienceqa(questions, image_folder, problems=None, single_pred_prompt: b
                 raise ValueError(f"{where}: id {q['id']!r} has no problem with choices and answer in {problems}")
             choices, ref = list(p["choices"]), (LETTERS[p["answer"]],)
         image = os.path.join(image_folder, q["image"]) if q.get("image") else None
-        items.append(Item(q["id"], prompt, image, ref, {"choices": choices, "has_image": image is not None}, where))
+        meta = {"choices": choices, "has_image": image is not None,
+                "answer_prompt": ("<image>\n" if image is not None else "") + prompt}
+        items.append(Item(q["id"], prompt, image, ref, meta, where))
     return _with_keys(items)
 
 
@@ -345,7 +352,8 @@ def read_mmbench(tsv, all_rounds: bool = False, single_pred_prompt: bool = True)
     Prompts are built as LLaVA's model_vqa_mmbench.py: hint, question, "A. option" lines, the letter instruction.
     `all_rounds` adds LLaVA's rotations (round r shifts the options by r, letters stay A, B, ...). meta['group'] is
     index mod 1e6, since the official TSVs store circular copies at index + k·1e6: items of a group are scored
-    together by CircularEval. An image field of digits (VLMEvalKit's shared images) points at that row's image."""
+    together by CircularEval, once per main item (meta['main']: index < 1e6, round 0). An image field of digits
+    (VLMEvalKit's shared images) points at that row's image."""
     csv.field_size_limit(sys.maxsize)  # base64 images exceed csv's default field limit
     with open(tsv, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t")
@@ -385,8 +393,8 @@ def read_mmbench(tsv, all_rounds: bool = False, single_pred_prompt: bool = True)
             if single_pred_prompt:
                 prompt += "\n" + SINGLE_PRED_PROMPT
             ref = () if answer is None else (LETTERS[(LETTERS.index(answer) - r) % len(options)],)
-            meta = {"choices": opts, "round": r, "group": index % 1_000_000, "category": row.get("category"),
-                    "l2-category": row.get("l2-category")}
+            meta = {"choices": opts, "round": r, "group": index % 1_000_000, "main": index < 1_000_000 and r == 0,
+                    **{k: None if _blank(row.get(k)) else row[k] for k in ("category", "l2-category")}}
             items.append(Item(index, prompt, image_bytes, ref, meta, where))
     return _with_keys(items)
 
@@ -424,8 +432,9 @@ def read_seed(questions, image_folder, annotations=None) -> list[Item]:
 
 def answer_record(item: Item, text: str, model_id: str) -> dict:
     """One line of LLaVA's answer JSONL. answer_id is derived from (model, key, text), so re-runs write the same
-    file; MMBench rounds also carry round_id as LLaVA's do."""
-    rec = {"question_id": item.question_id, "prompt": item.prompt, "text": text,
+    file; MMBench rounds also carry round_id as LLaVA's do; the prompt is what LLaVA's script writes there
+    (ScienceQA's keeps `<image>`)."""
+    rec = {"question_id": item.question_id, "prompt": item.meta.get("answer_prompt", item.prompt), "text": text,
            "answer_id": uuid.uuid5(uuid.NAMESPACE_OID, f"{model_id}\0{item.key}\0{text}").hex[:22],
            "model_id": model_id, "metadata": {}}
     if "round" in item.meta:

@@ -1,13 +1,13 @@
 """Official benchmark scorers as plain functions on prediction strings.
 
-Each follows the script whose numbers papers report, including its quirks (noted where they matter):
-- VQAv2 / TextVQA: the VQA evaluation's answer normalisation (GT-Vision-Lab `vqaEval.py`, as packaged by EvalAI and
-  M4C, which LLaVA applies to its predictions) and the leave-one-out soft accuracy over the human answers;
-- GQA: LLaVA's `convert_gqa_for_eval.py` normalisation, then the GQA `eval.py` exact match;
-- POPE: LLaVA's `eval_pope.py` yes/no parsing and confusion-matrix metrics;
-- MME: the MME `calculation.py` parsing and acc + acc+ per subtask (×100, summed);
-- multiple choice (ScienceQA, MMBench, SEED-Bench): LLaVA's `eval_science_qa.py` letter rules, then VLMEvalKit's
-  rule-based option and option-text matching (MMBench's first stage, before any GPT judge).
+Each is the code whose numbers papers report, quirks included (noted where they matter):
+- VQAv2: LLaVA's `convert_vqav2_for_submission.py` runs EvalAI's answer processor on the prediction, then the VQA
+  evaluation code (GT-Vision-Lab/VQA `vqaEval.py`, a013f00) compares it with the human answers, normalising both
+  again only when the humans disagree;
+- TextVQA: LLaVA's `m4c_evaluator.py` (EvalAI's processor on both sides, leave-one-out soft accuracy);
+- GQA: LLaVA's `convert_gqa_for_eval.py` (`rstrip('.').lower()`), then GQA's `eval.py` exact match;
+- POPE: LLaVA's `eval_pope.py`; MME: LLaVA's `convert_answer_to_mme.py` + MME's `eval_tool/calculation.py`;
+- multiple choice (ScienceQA, SEED-Bench, MMBench): `choice.py`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five si
 NUMBER_WORDS["none"] = "0"
 ARTICLES = {"a", "an", "the"}
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")  # vqaEval.py's; EvalAI's `(?<=\d)(,)+(?=\d)` never meets a comma
 # Meant as "a period not after a digit and not before one", but `(?!<=\d)` is a lookahead for the text "<=digit",
 # so in effect every period not followed by a digit goes ("5." -> "5", "2.5" stays). Kept as the official regex.
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
@@ -85,27 +85,45 @@ def normalize_answer(text: str) -> str:
     return process_digit_article(process_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQA soft accuracy: the mean, over leaving out each human answer in turn, of min(#others matching / 3, 1).
-
-    With ten answers, 1/2/3/4+ matches give 0.3/0.6/0.9/1.0. Both sides are normalised with `normalize_answer` (the
-    TextVQA evaluator does so; VQAv2's released answers are already in that form, so it changes nothing there).
-    """
+def _soft_accuracy(pred: str, answers: Sequence[str]) -> float:
+    """The mean, over leaving out each human answer in turn, of min(#others equal to pred / 3, 1): with ten
+    answers, 1/2/3/4+ matches give 0.3/0.6/0.9/1.0."""
     if not answers:
-        raise ValueError("vqa_accuracy needs at least one reference answer")
-    pred = normalize_answer(prediction)
-    matches = sum(normalize_answer(a) == pred for a in answers)
+        raise ValueError("VQA accuracy needs at least one reference answer")
+    matches = sum(a == pred for a in answers)
     n = len(answers)
     # Leaving out a matching answer leaves matches-1 others; leaving out any other leaves all matches.
     return (matches * min(1.0, (matches - 1) / 3) + (n - matches) * min(1.0, matches / 3)) / n
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """TextVQA (LLaVA's m4c_evaluator.py): EvalAI's `normalize_answer` on the prediction and every human answer,
+    then the soft accuracy. (m4c asserts ten answers; any number is accepted here.)"""
+    return _soft_accuracy(normalize_answer(prediction), [normalize_answer(a) for a in answers])
+
+
+def vqav2_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQAv2: LLaVA submits `normalize_answer(prediction)`; vqaEval.py (GT-Vision-Lab/VQA a013f00) replaces tabs
+    and newlines and strips both sides, and only when the human answers disagree runs the punctuation and
+    digit/article rules on both again; when they all agree it compares the submitted answer with them as released.
+    """
+    def clean(text):
+        return text.replace("\n", " ").replace("\t", " ").strip()
+
+    pred, gts = clean(normalize_answer(prediction)), [clean(a) for a in answers]
+    if len(set(gts)) > 1:
+        pred = process_digit_article(process_punctuation(pred))
+        gts = [process_digit_article(process_punctuation(a)) for a in gts]
+    return _soft_accuracy(pred, gts)
 
 
 # --- GQA ----------------------------------------------------------------------------------------------------------
 
 
 def gqa_match(prediction: str, answer: str) -> bool:
-    """LLaVA strips surrounding space and trailing periods and lower-cases; GQA's eval.py then compares exactly."""
-    return prediction.strip().rstrip(".").lower() == answer
+    """LLaVA drops trailing periods and lower-cases (no whitespace strip: its answers are already stripped);
+    GQA's eval.py then compares exactly."""
+    return prediction.rstrip(".").lower() == answer
 
 
 # --- POPE ---------------------------------------------------------------------------------------------------------
@@ -157,86 +175,38 @@ def mme_parse(text: str) -> str:
 
 
 def mme_scores(records: Iterable[Mapping]) -> dict[str, float]:
-    """MME scores from records with keys category, image, answer ('yes'/'no') and prediction (free text).
+    """MME scores from records (in answer-file order) with keys category, image, answer ('yes'/'no') and
+    prediction, as LLaVA's convert_answer_to_mme.py writes them into one `image<TAB>question<TAB>answer<TAB>
+    prediction` line each per subtask and calculation.py reads those lines back, two consecutive ones an image.
 
     Per subtask: acc (questions right, 'other' counting wrong) + acc+ (images with both their questions right),
     each ×100, so at most 200; 'perception' and 'cognition' sum the subtasks present. `<task>/acc` and
-    `<task>/acc_plus` are returned too. Every image must have exactly two questions, as calculation.py asserts.
+    `<task>/acc_plus` are returned too. Where calculation.py stops (a prediction with a tab or line break breaks
+    its line format; an image whose two questions are not next to each other it would pair wrongly) this raises.
     """
-    by_image: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     known = {t: kind for kind, tasks in MME_SUBTASKS.items() for t in tasks}
+    tasks: dict[str, list[tuple[str, bool]]] = defaultdict(list)
     for r in records:
-        task, gold = r["category"], r["answer"].lower()
+        task, image, gold = r["category"], r["image"], r["answer"].lower()
         if task not in known:
-            raise ValueError(f"unknown MME subtask {task!r} (image {r['image']!r}); known: {sorted(known)}")
+            raise ValueError(f"unknown MME subtask {task!r} (image {image!r}); known: {sorted(known)}")
         if gold not in ("yes", "no"):
-            raise ValueError(f"MME answer must be yes or no, got {r['answer']!r} (image {r['image']!r})")
-        by_image[task][r["image"]].append(mme_parse(r["prediction"]) == gold)
+            raise ValueError(f"MME answer must be yes or no, got {r['answer']!r} (image {image!r})")
+        if any(c in r["prediction"] for c in "\t\r\n"):
+            raise ValueError(f"MME image {image!r}: prediction {r['prediction']!r} has a tab or line break, which "
+                             f"calculation.py cannot read (one tab-separated line per question)")
+        # calculation.py parses `prediction + "\n"`: the same label as the bare prediction
+        tasks[task].append((image, mme_parse(r["prediction"]) == gold))
     out: dict[str, float] = {"perception": 0.0, "cognition": 0.0}
-    for task, images in by_image.items():
-        for image, right in images.items():
-            if len(right) != 2:
-                raise ValueError(f"MME image {image!r} ({task}) has {len(right)} questions; every image has 2")
-        acc = sum(sum(r) for r in images.values()) / (2 * len(images))
-        acc_plus = sum(all(r) for r in images.values()) / len(images)
+    for task, rows in tasks.items():
+        pairs = [rows[i:i + 2] for i in range(0, len(rows), 2)]
+        for pair in pairs:
+            if len(pair) != 2 or pair[0][0] != pair[1][0]:
+                raise ValueError(f"MME {task}: image {pair[0][0]!r} does not have its two questions next to each "
+                                 f"other (calculation.py pairs consecutive lines)")
+        acc = sum(right for _, right in rows) / len(rows)
+        acc_plus = sum(a[1] and b[1] for a, b in pairs) / len(pairs)
         out[f"{task}/acc"], out[f"{task}/acc_plus"] = acc, acc_plus
         out[task] = 100 * acc + 100 * acc_plus
         out[known[task]] += out[task]
     return out
-
-
-# --- multiple choice ----------------------------------------------------------------------------------------------
-
-LETTERS = "ABCDEFGHIJ"
-
-
-def extract_choice(text: str, choices: Sequence[str], strict: bool = False) -> str | None:
-    """The option letter a free-text answer picks among len(choices) options, or None.
-
-    LLaVA's eval_science_qa.py rules first: the bare letter, "X. ...", "The answer is X". Unless `strict`, then
-    VLMEvalKit's: exactly one option letter standing alone once brackets and punctuation are spaced out ("(B)",
-    "B.", "Answer: B"; a lone "A" in a longer answer is taken for the article, so it is ambiguous), else exactly one
-    option text contained in the answer (case-insensitive), also when letters were ambiguous.
-    """
-    letters = tuple(LETTERS[: len(choices)])
-    s = text.replace("\n", ". ").strip()
-    if s in letters:
-        return s
-    if len(s) >= 3 and s[0] in letters and s[1:3] == ". ":
-        return s[0]
-    m = re.search(r"The answer is ([A-J])", s)
-    if m and m.group(1) in letters:
-        return m.group(1)
-    if strict:
-        return None
-    words = re.sub(r"[.()\[\],:;!*#{}]", " ", s).split()
-    hits = [c for c in letters if c in words]
-    if len(hits) == 1 and not ("A" in words and len(words) > 3):
-        return hits[0]
-    low = s.lower()  # no single letter: VLMEvalKit falls back to the option texts
-    texts = [c for c, opt in zip(letters, choices) if str(opt).strip() and str(opt).lower() in low]
-    return texts[0] if len(texts) == 1 else None
-
-
-def multiple_choice_accuracy(predictions: Sequence[str], answers: Sequence[str], choices: Sequence[Sequence[str]],
-                             strict: bool = False) -> float:
-    """Share of predictions whose extracted letter (`extract_choice`) equals the answer letter."""
-    if not (len(predictions) == len(answers) == len(choices)):
-        raise ValueError(f"lengths differ: {len(predictions)} predictions, {len(answers)} answers, "
-                         f"{len(choices)} choice lists")
-    if not answers:
-        raise ValueError("multiple_choice_accuracy needs at least one prediction")
-    right = [extract_choice(p, c, strict) == a for p, a, c in zip(predictions, answers, choices)]
-    return sum(right) / len(right)
-
-
-def circular_accuracy(correct: Sequence[bool], groups: Sequence) -> float:
-    """MMBench CircularEval: a question counts only if every rotation of its options (same group) is right."""
-    if len(correct) != len(groups):
-        raise ValueError(f"{len(correct)} results but {len(groups)} group ids")
-    ok: dict = {}
-    for c, g in zip(correct, groups):
-        ok[g] = ok.get(g, True) and bool(c)
-    if not ok:
-        raise ValueError("circular_accuracy needs at least one result")
-    return sum(ok.values()) / len(ok)
