@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from genllava_jax import errors
+
 PARTS = ("mistral", "siglip", "clip", "projector", "qformer", "unet", "vae")
 
 
@@ -24,9 +26,16 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="parameter dtype of the output (default: as stored)")
     p.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard on export")
     p.add_argument("--overwrite", action="store_true")
+    errors.add_verbose(p)
     a = p.parse_args(argv)
 
+    from pathlib import Path
+
     from genllava_jax import checkpoint
+
+    src = a.from_hf or a.to_hf
+    if not Path(src).is_dir():
+        raise errors.MissingFile(f"--{'from-hf' if a.from_hf else 'to-hf'} {src}: no such folder")
 
     conv = importlib.import_module(f"convert.{a.part}")
     if a.from_hf:
@@ -42,4 +51,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.guard(main))

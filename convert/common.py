@@ -26,10 +26,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from genllava_jax import errors
 from genllava_jax import sharding as shd
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.BadValue):
     """A checkpoint does not match the model: names the key, the file or the shape."""
 
 
@@ -315,7 +316,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
     """Yields a temporary directory beside `out`, renamed to `out` only if the block finishes."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+        raise errors.OutputExists(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

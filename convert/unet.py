@@ -15,7 +15,7 @@ from pathlib import Path
 from flax import nnx
 
 from convert.common import COPY, CONV, FLAT, Linear, Rule, TensorReader, export_hf, hf_tensors, load_state
-from genllava_jax import layers
+from genllava_jax import errors, layers
 from genllava_jax.models.unet import UNet, UNetConfig
 
 PREFIX = "diffusion_pytorch_model"  # diffusers' weight file name
@@ -50,7 +50,7 @@ def model_dir(path, sub: str) -> Path:
     path = Path(path)
     folder = path / sub if (path / sub / "config.json").exists() else path
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{path}: neither a diffusers pipeline with {sub}/config.json nor a model folder")
+        raise errors.MissingFile(f"{path}: neither a diffusers pipeline with {sub}/config.json nor a model folder")
     return folder
 
 

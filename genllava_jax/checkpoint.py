@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from genllava_jax import errors
 from genllava_jax import sharding as shd
 from genllava_jax.models import lookup
 
@@ -191,9 +192,9 @@ def restore_latest(mngr: ocp.CheckpointManager, state_target, frozen_target, dat
             multihost_utils.sync_global_devices(f"moved checkpoint {step}")
         mngr.reload()
     if problems:
-        raise RuntimeError(f"no usable checkpoint in {mngr.directory}: {'; '.join(problems)}. They were moved to "
-                           f"{mngr.directory.parent / 'corrupt_checkpoints'}; rerun to start from step 0, or "
-                           f"move one back if it can be repaired")
+        raise errors.Stopped(f"no usable checkpoint in {mngr.directory}: {'; '.join(problems)}. They were moved to "
+                             f"{mngr.directory.parent / 'corrupt_checkpoints'}; rerun to start from step 0, or "
+                             f"move one back if it can be repaired")
     return None
 
 

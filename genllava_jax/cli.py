@@ -17,6 +17,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from genllava_jax import errors
+
 
 def load_assistant(workdir, mesh=None, length_buckets=None):
     """(infer.Assistant on the newest checkpoint of a training workdir, its config); with a mesh, params are
@@ -28,11 +30,12 @@ def load_assistant(workdir, mesh=None, length_buckets=None):
 
     workdir = Path(workdir)
     if not (workdir / "config.json").exists():
-        raise FileNotFoundError(f"{workdir}: no config.json; pass the --workdir of a training run")
+        raise errors.MissingFile(f"{workdir}: no config.json; pass the --workdir of a training run")
     c = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     tok_dir = Path(c.data.tokenizer)
     if not tok_dir.exists():
-        raise FileNotFoundError(f"{tok_dir}: the run's tokenizer (data.tokenizer in {workdir / 'config.json'}) is gone")
+        raise errors.MissingFile(f"{tok_dir}: the run's tokenizer (data.tokenizer in {workdir / 'config.json'}) is "
+                                 f"gone")
     model, _ = train.load_trained(workdir, mesh)
     kw = {} if length_buckets is None else {"length_buckets": tuple(length_buckets)}
     return infer.Assistant(model, load_tokenizer(str(tok_dir), c.data.num_img_tokens), c.data, **kw), c
@@ -65,9 +68,12 @@ def settings_from_flags():
 
 
 def open_image(path):
-    from genllava_jax.data.records import load_image
+    from genllava_jax.data.records import BadRecord, load_image
 
-    return None if path is None else load_image(path).convert("RGB")
+    try:
+        return None if path is None else load_image(str(path)).convert("RGB")
+    except BadRecord as e:  # missing, corrupt, too large, ...
+        raise errors.BadValue(f"--image={path}: {e}") from None
 
 
 def save(image, path) -> str:
@@ -132,14 +138,14 @@ def _edit(argv):
 
 def main_chat():
     define_flags()
-    app.run(_chat)
+    errors.run(_chat)
 
 
 def main_generate():
     define_flags()
-    app.run(_generate)
+    errors.run(_generate)
 
 
 def main_edit():
     define_flags()
-    app.run(_edit)
+    errors.run(_edit)

@@ -27,8 +27,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from PIL import Image
+
+from genllava_jax import errors
 
 flags.DEFINE_string("workdir", "runs/demo", "everything the demo writes")
 flags.DEFINE_integer("train_steps", None, "joint train steps (default: configs/tiny.py)")
@@ -217,4 +219,4 @@ def talk(model, tokenizer, c, eval_path: Path, work: Path) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

@@ -22,6 +22,8 @@ from typing import Mapping
 import jax
 from absl import flags
 
+from genllava_jax import errors
+
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "cluster", "off"],
     "auto: explicit coordinator flags/env, else a detected SLURM/MPI/GKE cluster, else one process; cluster: always "
@@ -42,7 +44,7 @@ def _int(env: Mapping[str, str], key: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
+        raise errors.BadValue(f"environment variable {key}={value!r} is not an integer") from None
 
 
 def plan(mode: str = "auto", coordinator_address: str | None = None, num_processes: int | None = None,
@@ -50,7 +52,7 @@ def plan(mode: str = "auto", coordinator_address: str | None = None, num_process
     """The keyword arguments for `jax.distributed.initialize` ({} = let JAX detect), or None for one process."""
     env = os.environ if env is None else env
     if mode not in ("auto", "cluster", "off"):
-        raise ValueError(f"distributed={mode!r}: expected auto, cluster or off")
+        raise errors.BadValue(f"distributed={mode!r}: expected auto, cluster or off")
     if mode == "off":
         return None
     addr = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
@@ -63,11 +65,11 @@ def plan(mode: str = "auto", coordinator_address: str | None = None, num_process
             if mode != "cluster":  # partial settings: say what is missing rather than hang waiting for peers
                 missing = [name for name, v in (("coordinator_address", addr), ("num_processes", n),
                                                 ("process_id", pid)) if v is None]
-                raise ValueError(f"multi-host start-up needs coordinator_address, num_processes and process_id; "
-                                 f"missing {missing} (flags or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/"
-                                 f"JAX_PROCESS_ID)")
+                raise errors.BadValue(f"multi-host start-up needs coordinator_address, num_processes and process_id; "
+                                      f"missing {missing} (flags or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/"
+                                      f"JAX_PROCESS_ID)")
         if n is not None and pid is not None and not 0 <= pid < n:
-            raise ValueError(f"process_id={pid} is not in [0, num_processes={n})")
+            raise errors.BadValue(f"process_id={pid} is not in [0, num_processes={n})")
         kwargs = {k: v for k, v in (("coordinator_address", addr), ("num_processes", n), ("process_id", pid))
                   if v is not None}
         if len(kwargs) == 3:

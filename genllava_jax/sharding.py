@@ -17,6 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from genllava_jax import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis, tuple of mesh axes, or None (replicated).
@@ -65,20 +67,20 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
     """A mesh with axes (data, fsdp, tensor) in that order; one size may be -1 to take the remaining devices."""
     unknown = set(axes) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+        raise errors.BadValue(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
     devices = list(jax.devices() if devices is None else devices)
     sizes = [int(axes.get(name, 1)) for name in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise errors.BadValue(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known}) do not divide the "
-                             f"{len(devices)} devices")
+            raise errors.BadValue(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known}) do not divide the "
+                                  f"{len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} slots but there are "
-                         f"{len(devices)} devices; set one axis to -1 or make the product {len(devices)}")
+        raise errors.BadValue(f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} slots but there are "
+                              f"{len(devices)} devices; set one axis to -1 or make the product {len(devices)}")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 

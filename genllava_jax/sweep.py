@@ -42,7 +42,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from genllava_jax import cli, infer, sharding as shd
+from genllava_jax import cli, errors, infer, sharding as shd
 from genllava_jax.evaluate import BENCHMARKS, Item, answer_record, read_answers, read_benchmark, score, write_answers
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -68,9 +68,9 @@ def parse_benchmark(spec: str) -> Benchmark:
     """NAME:FILE[:FILE...] -> Benchmark."""
     name, *files = spec.split(":")
     if name not in BENCHMARKS:
-        raise ValueError(f"--benchmark={spec!r}: unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
+        raise errors.BadValue(f"--benchmark={spec!r}: unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
     if not files or not all(files):
-        raise ValueError(f"--benchmark={spec!r}: expected NAME:FILE[:FILE...] (the files read_benchmark takes)")
+        raise errors.BadValue(f"--benchmark={spec!r}: expected NAME:FILE[:FILE...] (the files read_benchmark takes)")
     return Benchmark(name, tuple(files))
 
 
@@ -78,20 +78,21 @@ def parse_settings(spec: str) -> tuple[str, infer.Settings]:
     """NAME[:key=val,...] -> (NAME, infer.Settings); values take the type of the field's default."""
     name, _, body = spec.partition(":")
     if not _NAME.match(name):
-        raise ValueError(f"--settings={spec!r}: the name {name!r} must be letters, digits, '_', '.', '-'")
+        raise errors.BadValue(f"--settings={spec!r}: the name {name!r} must be letters, digits, '_', '.', '-'")
     defaults = infer.Settings()
     kw = {}
     for part in filter(None, body.split(",")):
         key, eq, value = part.partition("=")
         if not eq:
-            raise ValueError(f"--settings={spec!r}: {part!r} is not key=value")
+            raise errors.BadValue(f"--settings={spec!r}: {part!r} is not key=value")
         if not hasattr(defaults, key):
             fields = [f.name for f in dataclasses.fields(infer.Settings)]
-            raise ValueError(f"--settings={spec!r}: unknown key {key!r}; infer.Settings has {fields}")
+            raise errors.BadValue(f"--settings={spec!r}: unknown key {key!r}; infer.Settings has {fields}")
         try:
             kw[key] = type(getattr(defaults, key))(value)
         except ValueError:
-            raise ValueError(f"--settings={spec!r}: {key}={value!r} is not a {type(getattr(defaults, key)).__name__}")
+            raise errors.BadValue(f"--settings={spec!r}: {key}={value!r} is not a "
+                                  f"{type(getattr(defaults, key)).__name__}")
     return name, infer.Settings(**kw)
 
 
@@ -114,12 +115,12 @@ def latest_step(workdir) -> int:
 
     root = Path(workdir) / "checkpoints"
     if not root.is_dir():
-        raise FileNotFoundError(f"{workdir}: no checkpoints/ directory; pass the --workdir of a training run")
+        raise errors.MissingFile(f"{workdir}: no checkpoints/ directory; pass the --workdir of a training run")
     mngr = checkpoint.ocp.CheckpointManager(root.absolute())
     step = mngr.latest_step()
     mngr.close()
     if step is None:
-        raise FileNotFoundError(f"{root}: no checkpoint")
+        raise errors.MissingFile(f"{root}: no checkpoint")
     return int(step)
 
 
@@ -147,7 +148,7 @@ def plan(prompts: Sequence[Sequence[int]], items: Sequence[Item], batch_size: in
         try:
             groups.setdefault(infer.bucket(len(p), tuple(buckets)), []).append(i)
         except ValueError as e:
-            raise ValueError(f"{items[i].source}: prompt of {len(p)} tokens: {e}") from None
+            raise errors.BadValue(f"{items[i].source}: prompt of {len(p)} tokens: {e}") from None
     out: list[Batch] = []
     for length in sorted(groups):
         rows = groups[length]
@@ -167,8 +168,8 @@ def read_answered(path: Path) -> dict[str, str]:
     for r in read_answers(path):
         key = (r.get("metadata") or {}).get("key")
         if key is None:
-            raise ValueError(f"{path}: answer for question_id {r['question_id']!r} has no metadata.key; the file was "
-                             f"not written by a sweep")
+            raise errors.BadValue(f"{path}: answer for question_id {r['question_id']!r} has no metadata.key; the "
+                                  f"file was not written by a sweep")
         out.setdefault(key, r["text"])
     return out
 
@@ -382,11 +383,11 @@ def run(checkpoints: Sequence[str], benchmarks: Sequence[Benchmark], settings: M
     batch_size = batch_size or 8 * mesh.size
     data_size = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % data_size:
-        raise ValueError(f"--batch_size={batch_size} must be a multiple of the {data_size} data-parallel devices")
+        raise errors.BadValue(f"--batch_size={batch_size} must be a multiple of the {data_size} data-parallel devices")
     if len({b.name for b in benchmarks}) != len(benchmarks):
-        raise ValueError(f"a benchmark is given twice: {[b.name for b in benchmarks]}")
+        raise errors.BadValue(f"a benchmark is given twice: {[b.name for b in benchmarks]}")
     if not benchmarks or not settings or not checkpoints:
-        raise ValueError("need at least one checkpoint, benchmark and setting")
+        raise errors.BadValue("need at least one checkpoint, benchmark and setting")
     main = jax.process_index() == 0
     buckets = tuple(sorted(length_buckets))
     items = {b.name: read_benchmark(b.name, *b.files) for b in benchmarks}
@@ -458,7 +459,12 @@ def _main(argv):
     settings = dict(parse_settings(s) for s in F.settings)
     if len(settings) != len(F.settings):
         raise app.UsageError(f"a --settings name is given twice: {F.settings}")
-    s = run(F.checkpoints, [parse_benchmark(b) for b in F.benchmark], settings, F.out, batch_size=F.batch_size,
+    benchmarks = [parse_benchmark(b) for b in F.benchmark]
+    for spec, b in zip(F.benchmark, benchmarks):
+        missing = [f for f in b.files if not Path(f).exists()]
+        if missing:
+            raise errors.MissingFile(f"--benchmark={spec}: {', '.join(missing)} does not exist")
+    s = run(F.checkpoints, benchmarks, settings, F.out, batch_size=F.batch_size,
             length_buckets=[int(b) for b in F.length_buckets], lenient=F.lenient)
     if jax.process_index() == 0:
         print(f"{s.cells_run} cells run, {s.cells_skipped} already done, {s.answered} new answers")
@@ -466,10 +472,8 @@ def _main(argv):
 
 
 def main():
-    from absl import app
-
     define_flags()
-    app.run(_main)
+    errors.run(_main)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from genllava_jax import errors
 from genllava_jax import sharding as shd
 
 
@@ -118,7 +119,7 @@ def setup(model: nnx.Module, tc, mesh, seed: int = 0):
     trainable = trainable_filter(tc.trainable)
     graphdef, params, frozen, rest = nnx.split(model, trainable, nnx.Param, ...)
     if not jax.tree.leaves(params):
-        raise ValueError(f"train.trainable={list(tc.trainable)} matches no parameter")
+        raise errors.BadValue(f"train.trainable={list(tc.trainable)} matches no parameter")
     tx, schedule = make_optimizer(tc)
     state_sh = state_shardings(params, tx, mesh)
     state = jax.jit(functools.partial(init_state, tx=tx, seed=seed), out_shardings=state_sh)(params)
@@ -215,10 +216,10 @@ def model_config(c, tokenizer):
                 "bos_token_id": ids.bos, "eos_token_id": ids.eos, "pad_token_id": ids.pad}
     cfg = GenLLaVAConfig.from_dict({**d, "image_token_id": ids.image, "img_token_ids": ids.img})
     if cfg.num_patches != c.data.num_patches:
-        raise ValueError(f"data.num_patches={c.data.num_patches} but the vision tower gives {cfg.num_patches} "
-                         f"patches ((image_size / patch_size) ** 2): set data.num_patches={cfg.num_patches}")
+        raise errors.BadValue(f"data.num_patches={c.data.num_patches} but the vision tower gives {cfg.num_patches} "
+                              f"patches ((image_size / patch_size) ** 2): set data.num_patches={cfg.num_patches}")
     if cfg.vision.image_size != c.data.image_size:
-        raise ValueError(f"data.image_size={c.data.image_size} != model.vision.image_size={cfg.vision.image_size}")
+        raise errors.BadValue(f"data.image_size={c.data.image_size} != model.vision.image_size={cfg.vision.image_size}")
     return cfg
 
 
@@ -230,13 +231,14 @@ def init_parts(model, init_cfg, mesh) -> None:
         if not path:
             continue
         if not hasattr(model, part):
-            raise ValueError(f"init.{part}: the model has no part {part!r}")
+            raise errors.BadValue(f"init.{part}: the model has no part {part!r}")
         if str(path).endswith(".npy"):  # a single parameter, e.g. the null conditioning CLIP("")
             var, value = getattr(model, part), np.load(path)
             if value.size == var.get_value().size:
                 value = value.reshape(var.get_value().shape)  # CLIP("") comes as (1, 77, 768)
             else:
-                raise ValueError(f"init.{part}={path}: shape {value.shape}, the model needs {var.get_value().shape}")
+                raise errors.BadValue(f"init.{part}={path}: shape {value.shape}, the model needs "
+                                      f"{var.get_value().shape}")
             var.set_value(jax.device_put(value.astype(var.get_value().dtype), var.get_value().sharding))
             continue
         loaded = checkpoint.load_module(path, mesh)
@@ -244,13 +246,13 @@ def init_parts(model, init_cfg, mesh) -> None:
         new = nnx.state(loaded, nnx.Param)
         flat = dict(nnx.to_flat_state(new))
         if target.keys() != flat.keys():
-            raise ValueError(f"init.{part}={path}: parameters differ from the model's part; missing "
-                             f"{sorted(map(str, target.keys() - flat.keys()))[:5]}, unexpected "
-                             f"{sorted(map(str, flat.keys() - target.keys()))[:5]}")
+            raise errors.BadValue(f"init.{part}={path}: parameters differ from the model's part; missing "
+                                  f"{sorted(map(str, target.keys() - flat.keys()))[:5]}, unexpected "
+                                  f"{sorted(map(str, flat.keys() - target.keys()))[:5]}")
         for p, a in target.items():
             if a.get_value().shape != flat[p].get_value().shape:
-                raise ValueError(f"init.{part}={path}: parameter {'/'.join(map(str, p))} has shape "
-                                 f"{flat[p].get_value().shape}, the model needs {a.get_value().shape}")
+                raise errors.BadValue(f"init.{part}={path}: parameter {'/'.join(map(str, p))} has shape "
+                                      f"{flat[p].get_value().shape}, the model needs {a.get_value().shape}")
         nnx.update(getattr(model, part), new)
 
 
@@ -292,8 +294,8 @@ def run(c, workdir, *, mesh=None, stop_after: int | None = None) -> dict:
     workdir = Path(workdir)
     tc = c.train
     if tc.batch_size % (tc.accum * jax.process_count()):
-        raise ValueError(f"train.batch_size={tc.batch_size} must divide by train.accum={tc.accum} × "
-                         f"{jax.process_count()} processes")
+        raise errors.BadValue(f"train.batch_size={tc.batch_size} must divide by train.accum={tc.accum} × "
+                              f"{jax.process_count()} processes")
     mesh = shd.make_mesh(dict(c.mesh)) if mesh is None else mesh
     config_check.check_batch(tc, mesh)
     cfg, model, tokenizer, mesh = build(c, mesh)
@@ -342,7 +344,7 @@ def run(c, workdir, *, mesh=None, stop_after: int | None = None) -> dict:
                         "data_truncated": counts.fixed["truncated"],
                         **{f"data_skipped/{k}": v for k, v in sorted(counts.skipped.items())}})
                     if skipped_total > tc.max_skipped_steps:
-                        raise FloatingPointError(
+                        raise errors.Diverged(
                             f"{skipped_total} steps had a non-finite loss or gradient (limit train."
                             f"max_skipped_steps={tc.max_skipped_steps}); stopping at step {done}. Parameters were "
                             f"never updated with non-finite values; the newest checkpoint is step "
@@ -432,7 +434,7 @@ def load_trained(workdir, mesh=None):
     mngr = checkpoint.ocp.CheckpointManager((workdir / "checkpoints").absolute())
     step = mngr.latest_step()
     if step is None:
-        raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint")
+        raise errors.MissingFile(f"{workdir / 'checkpoints'}: no checkpoint")
     args = checkpoint.ocp.args.Composite(
         state=checkpoint.partial_restore_args(
             {"params": checkpoint.restore_target(params, shd.state_shardings(params, mesh))}),
@@ -454,12 +456,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
-    from genllava_jax import distributed  # noqa: F401  defines --distributed, --coordinator_address, ...
+    from genllava_jax import distributed, errors  # noqa: F401  distributed defines --distributed, ...
 
     config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
     flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, TensorBoard")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    errors.run(main)

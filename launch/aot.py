@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
+from genllava_jax import errors  # noqa: E402
 from genllava_jax import sharding as shd  # noqa: E402
 from genllava_jax import train  # noqa: E402
 from launch import flops  # noqa: E402
@@ -65,8 +66,8 @@ def target_devices(topology: str) -> list:
         name, wrap = topology, _F
         chip_config = "default" if topology.split(":")[0] in ("v5e", "v6e") else "megacore"
     else:
-        raise ValueError(f"--topology={topology!r}: use one of {sorted(TOPOLOGIES)} or libtpu's form such as "
-                         f"v5e:2x2 / v5:2x2x1")
+        raise errors.BadValue(f"--topology={topology!r}: use one of {sorted(TOPOLOGIES)} or libtpu's form such as "
+                              f"v5e:2x2 / v5:2x2x1")
     return list(topologies.get_topology_desc(name, "tpu", chip_config_name=chip_config,
                                              chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=wrap).devices)
 
@@ -111,8 +112,8 @@ def tokenizer_for(c):
     if c.data.tokenizer and Path(c.data.tokenizer).is_dir():
         return load_tokenizer(c.data.tokenizer, c.data.num_img_tokens)
     if not c.model.llm.get("vocab_size"):
-        raise ValueError(f"data.tokenizer={c.data.tokenizer!r} is not a directory and model.llm.vocab_size is unset: "
-                         f"set --config.model.llm.vocab_size (the base vocabulary) for the fit check")
+        raise errors.BadValue(f"data.tokenizer={c.data.tokenizer!r} is not a directory and model.llm.vocab_size is "
+                              f"unset: set --config.model.llm.vocab_size (the base vocabulary) for the fit check")
     return StandInTokenizer(c.model.llm.vocab_size, c.data.num_img_tokens)
 
 
@@ -130,7 +131,7 @@ def abstract_setup(c, mesh):
     model = nnx.eval_shape(lambda: GenLLaVA(cfg, rngs=nnx.Rngs(0)))
     graphdef, params, frozen, rest = nnx.split(model, train.trainable_filter(tc.trainable), nnx.Param, ...)
     if not jax.tree.leaves(params):
-        raise ValueError(f"train.trainable={list(tc.trainable)} matches no parameter")
+        raise errors.BadValue(f"train.trainable={list(tc.trainable)} matches no parameter")
     if jax.tree.leaves(rest):
         raise ValueError(f"the model has non-parameter state {list(nnx.to_flat_state(rest).keys())[:5]}: the fit "
                          f"check cannot make it abstract")
@@ -226,7 +227,7 @@ def check(c, devices, *, per_device_batch: int | None = None, eval_step: bool = 
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     global_batch = c.train.batch_size if per_device_batch is None else per_device_batch * batch_shards
     if global_batch % batch_shards:
-        raise ValueError(f"batch {global_batch} does not split over data × fsdp = {batch_shards} devices")
+        raise errors.BadValue(f"batch {global_batch} does not split over data × fsdp = {batch_shards} devices")
     batch = abstract_batch(c, cfg, s, global_batch)
     kind = devices[0].device_kind
     hbm = HBM_GIB[kind] * GiB
@@ -318,7 +319,7 @@ def parse_mesh(spec: str) -> dict:
     for kv in spec.split(","):
         k, _, v = kv.partition("=")
         if k.strip() not in shd.MESH_AXES or not v.strip().lstrip("-").isdigit():
-            raise ValueError(f"mesh {spec!r}: {kv!r} is not AXIS=SIZE with AXIS one of {shd.MESH_AXES}")
+            raise errors.BadValue(f"mesh {spec!r}: {kv!r} is not AXIS=SIZE with AXIS one of {shd.MESH_AXES}")
         axes[k.strip()] = int(v)
     return {a: axes.get(a, 1) for a in shd.MESH_AXES}
 
@@ -423,7 +424,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=False)
@@ -439,4 +440,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("meshes", None, "mesh shapes --search tries, ';'-separated, e.g. \"fsdp=16;fsdp=8,tensor=2\" "
                                         "(default: fully sharded, 2- and 4-way tensor, 2 data replicas)")
     flags.mark_flags_as_required(["config", "topology"])
-    app.run(main)
+    errors.run(main)

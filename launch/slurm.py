@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from genllava_jax import errors
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,9 +31,9 @@ def sbatch_script(*, nodes: int, gpus_per_node: int, config: str, workdir: str, 
                   train_args: list[str] = ()) -> str:
     """The sbatch script's text."""
     if per not in ("gpu", "node"):
-        raise ValueError(f"--per={per!r}: expected gpu (one process per GPU) or node (one per node, all its GPUs)")
+        raise errors.BadValue(f"--per={per!r}: expected gpu (one process per GPU) or node (one per node, all its GPUs)")
     if nodes < 1 or gpus_per_node < 1:
-        raise ValueError(f"--nodes={nodes} and --gpus-per-node={gpus_per_node} must be at least 1")
+        raise errors.BadValue(f"--nodes={nodes} and --gpus-per-node={gpus_per_node} must be at least 1")
     tasks_per_node = gpus_per_node if per == "gpu" else 1
     directives = [f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
                   f"--gpus-per-node={gpus_per_node}", "--output=%x-%j.out"]
@@ -63,7 +65,7 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--env {pair!r}: expected KEY=VALUE")
+            raise errors.BadValue(f"--env {pair!r}: expected KEY=VALUE")
         out[key] = value
     return out
 
@@ -89,6 +91,7 @@ def main(argv=None) -> int:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the script and the command (the default)")
     mode.add_argument("--execute", action="store_true", help="write the script and submit it with sbatch")
+    errors.add_verbose(p)
     a = p.parse_args(argv)
     script = sbatch_script(nodes=a.nodes, gpus_per_node=a.gpus_per_node, config=a.config, workdir=a.workdir,
                            per=a.per, job_name=a.job_name, partition=a.partition, account=a.account, time=a.time,
@@ -104,4 +107,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.guard(main))

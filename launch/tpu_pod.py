@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from genllava_jax import errors
+
 ROOT = Path(__file__).resolve().parent.parent
 ARCHIVE = "genllava_jax.tar.gz"
 REMOTE_DIR = "~/genllava_jax"  # expanded by the worker's shell
@@ -111,6 +113,7 @@ def main(argv=None) -> int:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the commands (the default)")
     mode.add_argument("--execute", action="store_true", help="run them")
+    errors.add_verbose(p)
     a = p.parse_args(argv)
     cmds = commands(name=a.name, zone=a.zone, accelerator_type=a.accelerator_type, version=a.version,
                     config=a.config, workdir=a.workdir, project=a.project, spot=a.spot, bucket=a.bucket,
@@ -122,4 +125,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.guard(main))

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import grain
 import msgpack
-from absl import app, flags
+from absl import flags
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from genllava_jax import errors
 from genllava_jax.data.records import BadRecord, as_dict, load_image, parse, read_records
 
 IMAGE_KEYS = ("image", "target_image")
@@ -36,7 +37,7 @@ def unpack(data: bytes) -> dict:
 
 def open_source(path: str | Path) -> grain.sources.ArrayRecordDataSource:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+        raise errors.MissingFile(f"data file {str(path)!r} does not exist")
     return grain.sources.ArrayRecordDataSource(str(path))
 
 
@@ -77,4 +78,4 @@ def main(_):
 if __name__ == "__main__":  # flags defined here only: the pipeline imports this module
     flags.DEFINE_string("src", None, "GVIT .json or .jsonl file (images relative to it)", required=True)
     flags.DEFINE_string("out", None, "the .arrayrecord file to write", required=True)
-    app.run(main)
+    errors.run(main)

@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from genllava_jax import errors
 from genllava_jax.data import arrayrecord
 from genllava_jax.data.image import ImageConfig, preprocess, to_rgb
 from genllava_jax.data.records import REASONS, TASKS, BadRecord, Record, load_image, parse, read_records
@@ -188,8 +189,8 @@ class _SkipCountingIterator(grain.DatasetIterator):
                 return {**ex, "_skipped": reasons}
             reasons.append(ex["skip"])
             if len(reasons) >= MAX_SKIPS_IN_A_ROW:
-                raise RuntimeError(f"{len(reasons)} records in a row were unusable: "
-                                   f"{dict(collections.Counter(reasons))}; check data.path and its images")
+                raise errors.Stopped(f"{len(reasons)} records in a row were unusable: "
+                                     f"{dict(collections.Counter(reasons))}; check data.path and its images")
 
     def get_state(self):
         return self._parent.get_state()
@@ -299,12 +300,12 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, tokenizer, *, global_batch
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if global_batch % count:
-        raise ValueError(f"global_batch={global_batch} is not divisible by the {count} processes")
+        raise errors.BadValue(f"global_batch={global_batch} is not divisible by the {count} processes")
     if data_cfg.on_too_long not in ("truncate", "drop"):
-        raise ValueError(f"data.on_too_long={data_cfg.on_too_long!r}: expected 'truncate' or 'drop'")
+        raise errors.BadValue(f"data.on_too_long={data_cfg.on_too_long!r}: expected 'truncate' or 'drop'")
     image_root = data_cfg.get("image_root") or None
     if image_root is not None and not Path(image_root).is_dir():
-        raise ValueError(f"data.image_root={image_root!r} is not a folder")
+        raise errors.BadValue(f"data.image_root={image_root!r} is not a folder")
     batch_size, ids = global_batch // count, SpecialIds.of(tokenizer, data_cfg.num_img_tokens)
     encoder, parts, weights, num_records = None, [], [], {}
     for k, (path, weight) in enumerate(sources(data_cfg.path)):
@@ -312,7 +313,7 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, tokenizer, *, global_batch
         num_records[path] = len(raw)
         ds = grain.MapDataset.source(raw)[index::count]
         if not len(ds):
-            raise ValueError(f"{path}: no records for process {index} of {count}")
+            raise errors.BadValue(f"{path}: no records for process {index} of {count}")
         if train:
             ds = ds.shuffle(seed=seed + k).repeat()
         encoder = Encoder(tokenizer, ids, Path(path).parent, data_cfg.max_len, data_cfg.image_size,

@@ -19,6 +19,7 @@ from typing import Any
 
 from PIL import Image
 
+from genllava_jax import errors
 from genllava_jax.data.image import to_rgb
 from genllava_jax.data.tokenizer import IMAGE
 
@@ -53,12 +54,12 @@ def read_records(path: str | Path) -> list[str | dict]:
     """The raw records of a .json or .jsonl file: dicts, or JSONL lines parsed later (so a bad line is one skip)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+        raise errors.MissingFile(f"data file {str(path)!r} does not exist")
     if path.suffix == ".jsonl":
         return [line for line in path.read_text().splitlines() if line.strip()]
     records = json.loads(path.read_text())
     if not isinstance(records, list):
-        raise ValueError(f"{path}: a .json data file holds a list of records, got {type(records).__name__}")
+        raise errors.BadValue(f"{path}: a .json data file holds a list of records, got {type(records).__name__}")
     return records
 
 

@@ -11,6 +11,8 @@ import numpy as np
 import transformers
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from genllava_jax import errors
+
 IMAGE, I2T, T2I, SOI, EOI = "<image>", "[I2T]", "[T2I]", "[SOI]", "[EOI]"
 INST, END_INST = "[INST]", "[/INST]"
 
@@ -41,9 +43,9 @@ class SpecialIds:
         vocab = tokenizer.get_vocab()
         missing = [t for t in genllava_tokens(num_img_tokens) if t not in vocab]
         if missing:
-            raise ValueError(f"tokenizer lacks {missing}; load it with load_tokenizer(path, {num_img_tokens})")
+            raise errors.BadValue(f"tokenizer lacks {missing}; load it with load_tokenizer(path, {num_img_tokens})")
         if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-            raise ValueError("tokenizer needs bos_token and eos_token (the Mistral-Instruct template uses both)")
+            raise errors.BadValue("tokenizer needs bos_token and eos_token (the Mistral-Instruct template uses both)")
         # Padding is masked out everywhere, so any id will do; Mistral has no pad token, LLaVA pads with <unk>.
         pad = next(i for i in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id)
                    if i is not None)
@@ -55,7 +57,7 @@ class SpecialIds:
 def load_tokenizer(path: str | Path, num_img_tokens: int = 16):
     """AutoTokenizer from a local directory, with <image>, [I2T], [T2I], [SOI], [IMG0..N-1], [EOI] added if absent."""
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
+        raise errors.MissingFile(f"tokenizer directory {str(path)!r} does not exist")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     vocab = tokenizer.get_vocab()
     missing = [t for t in genllava_tokens(num_img_tokens) if t not in vocab]
