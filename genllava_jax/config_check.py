@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import math
 
-from genllava_jax import errors
+from genllava_jax.errors import BadValue
 
 # What the code reads from each section and the type it expects; a tuple of types means any of them.
 NUMBER = (int, float)
@@ -76,7 +76,7 @@ def validate(c) -> None:
                 errors += _section_errors(f"model.{part}", d["model"][part], {},
                                           {f.name: None for f in dataclasses.fields(cls)}, check_types=False)
     if errors:
-        raise errors.BadValue("config errors:\n  " + "\n  ".join(errors))
+        raise BadValue("config errors:\n  " + "\n  ".join(errors))
 
 
 def check_batch(tc, mesh) -> None:
@@ -84,6 +84,6 @@ def check_batch(tc, mesh) -> None:
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     unit = dp * tc.accum
     if tc.batch_size % unit:
-        raise errors.BadValue(f"train.batch_size={tc.batch_size} must be a multiple of data×fsdp={dp} × train.accum="
-                              f"{tc.accum} = {unit} (every device takes an equal share of each micro-batch): set "
-                              f"train.batch_size={-(-tc.batch_size // unit) * unit}, or change the mesh or train.accum")
+        raise BadValue(f"train.batch_size={tc.batch_size} must be a multiple of data×fsdp={dp} × train.accum="
+                       f"{tc.accum} = {unit} (every device takes an equal share of each micro-batch): set "
+                       f"train.batch_size={-(-tc.batch_size // unit) * unit}, or change the mesh or train.accum")
