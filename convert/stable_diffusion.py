@@ -17,6 +17,7 @@ import numpy as np
 
 from convert import unet as unet_conv, vae as vae_conv
 from convert.common import atomic_dir
+from genllava_jax import errors
 
 NULL_CONDITIONING = "null_conditioning.npy"
 
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("out_dir")
     p.add_argument("--dtype", default=None, help="parameter dtype of the output (default: float32)")
     p.add_argument("--overwrite", action="store_true")
+    errors.add_verbose(p)
     a = p.parse_args(argv)
     from_hf_pipeline(a.sd_dir, a.out_dir, overwrite=a.overwrite, **({"param_dtype": a.dtype} if a.dtype else {}))
     print(f"wrote {a.out_dir}")
@@ -63,4 +65,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.guard(main))
