@@ -13,16 +13,24 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e '.[torch,dev,tpu]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# Oracle sources, downloaded and never installed: pytorch-fid's FID Inception builds on torchvision's Inception
+# blocks, and torchvision's wheel does not import beside the CPU torch; tests/pytorch_fid_oracle.py runs the two
+# packages' Python files from these wheels.
+ORACLE := $(VENV)/oracle-wheels/.downloaded
+$(ORACLE): $(STAMP)
+	$(PY) -m pip download -q --no-deps -d $(VENV)/oracle-wheels pytorch-fid==0.3.0 torchvision==0.28.0
+	touch $(ORACLE)
+
+install: $(STAMP) $(ORACLE)
 
 # two workers: most of the suite's time is XLA compiling on one core; --dist loadfile keeps each test file (and its
 # module fixtures) on one worker. About 30 min on 2 cores (58 min of CPU).
 PYTEST = $(PY) -m pytest -q -n 2 --dist loadfile
 
-test: $(STAMP)
+test: $(STAMP) $(ORACLE)
 	$(PYTEST) tests
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(ORACLE)
 	$(PYTEST) -m "not slow" tests
 
 demo: $(STAMP)

@@ -12,7 +12,7 @@ import sys
 
 from genllava_jax import errors
 
-PARTS = ("mistral", "siglip", "clip", "projector", "qformer", "unet", "vae")
+PARTS = ("mistral", "siglip", "clip", "projector", "qformer", "unet", "vae", "inception")
 
 
 def main(argv=None) -> int:

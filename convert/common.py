@@ -149,6 +149,8 @@ class TensorReader:
         index = self.folder / f"{prefix}.safetensors.index.json"
         single = self.folder / f"{prefix}.safetensors"
         binary = self.folder / ("pytorch_model.bin" if prefix == "model" else f"{prefix}.bin")
+        if self.folder.is_file():  # a bare checkpoint file (e.g. a .pth state dict) rather than a folder
+            single, binary = (self.folder, index) if self.folder.suffix == ".safetensors" else (index, self.folder)
         if index.exists():
             for key, fname in json.loads(index.read_text())["weight_map"].items():
                 self._files[key] = self.folder / fname
@@ -158,7 +160,12 @@ class TensorReader:
             import torch  # pickles are read only with weights_only=True: no code runs from the file
 
             try:
-                self._torch = torch.load(binary, map_location="cpu", weights_only=True, mmap=True)
+                try:
+                    self._torch = torch.load(binary, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:  # files from before torch 1.6's zip format cannot be memory-mapped
+                    if "mmap" not in str(e):
+                        raise
+                    self._torch = torch.load(binary, map_location="cpu", weights_only=True)
             except Exception as e:  # anything but plain tensors (code to run, unknown classes) is refused
                 raise ConversionError(f"{binary}: cannot be read with torch.load(weights_only=True) ({e})") from e
             self._files = {k: binary for k in self._torch}

@@ -207,14 +207,17 @@ def scan_layers(stacked: nnx.Module, body: Callable, carry, xs=None, *, policy: 
 
 class Conv(nnx.Module):
     def __init__(self, in_ch: int, out_ch: int, kernel: int | tuple[int, int], *, stride: int = 1,
-                 padding: int | str = 0, use_bias: bool = True, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32, names: Names = ("conv_h", "conv_w", "conv_in", "conv_out")):
+                 padding: int | tuple[int, int] | str = 0, use_bias: bool = True, rngs: nnx.Rngs,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                 names: Names = ("conv_h", "conv_w", "conv_in", "conv_out")):
         kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2), out_axis=3)
         self.kernel = param(rngs, init, (kh, kw, in_ch, out_ch), names, param_dtype)
         self.bias = param(rngs, nnx.initializers.zeros, (out_ch,), names[-1:], param_dtype) if use_bias else None
         self.stride = stride
-        self.padding = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
+        if isinstance(padding, int):
+            padding = (padding, padding)
+        self.padding = padding if isinstance(padding, str) else tuple((p, p) for p in padding)  # (h, w) as torch
         self.dtype = dtype
 
     def __call__(self, x_NHWC: jax.Array) -> jax.Array:

@@ -260,9 +260,14 @@ def test_fid_against_sqrtm_and_closed_form():
     assert ev.fid(a, a) == pytest.approx(0, abs=1e-9)
     # diagonal Gaussians: |Δμ|² + Σ (√σa - √σb)²
     assert ev.frechet_distance([0, 0], np.diag([4.0, 1.0]), [3, 0], np.diag([1.0, 9.0])) == pytest.approx(9 + 1 + 4)
-    # fewer samples than dimensions: singular covariances stay finite and non-negative
-    small = ev.fid(rng.normal(size=(5, 16)), rng.normal(size=(7, 16)))
+    # fewer samples than dimensions: singular covariances stay finite and non-negative, and fid's sample-space
+    # route equals the covariance one
+    a, b = rng.normal(size=(5, 16)), rng.normal(size=(7, 16)) + 1
+    small = ev.fid(a, b)
     assert np.isfinite(small) and small >= 0
+    # (the covariance route takes square roots of rounding-level eigenvalues of the singular Σ: ~1e-9 off)
+    assert small == pytest.approx(ev.frechet_distance(*ev.gaussian_stats(a), *ev.gaussian_stats(b)), rel=1e-8)
+    assert ev.fid(a, a) == pytest.approx(0, abs=1e-12)
 
 
 # --- readers --------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Generation and editing metrics from image/text features computed by any encoder (our SigLIP can serve).
 
 Numbers are comparable across runs only with the same encoder: the published CLIP score uses CLIP ViT-L/14, FID
-InceptionV3 pool features, the DINO score DINO ViT-S/16 [CLS] features. All inputs are (N, D) arrays.
+pytorch-fid's Inception-v3 pool3 features (`models/inception.py`), the DINO score DINO ViT-S/16 [CLS] features
+(`models/dino.py`). All inputs are (N, D) arrays.
 """
 
 from __future__ import annotations
@@ -51,25 +52,36 @@ def _psd_sqrt(s: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mu_a, sigma_a, mu_b, sigma_b) -> float:
-    """|mu_a - mu_b|² + tr(Σa + Σb - 2 (Σa Σb)^½).
+    """|mu_a - mu_b|² + tr(Σa + Σb - 2 (Σa Σb)^½), as pytorch-fid's calculate_frechet_distance.
 
-    tr (Σa Σb)^½ is computed as Σ sqrt(eig(Σa^½ Σb Σa^½)): that matrix is symmetric PSD with the same eigenvalues
-    as Σa Σb, so this needs only symmetric eigensolves and stays real and stable for singular covariances (fewer
-    samples than dimensions), where scipy's general `sqrtm` route needs an epsilon and complex clean-up.
+    tr (Σa Σb)^½ is the sum of the singular values of Σa^½ Σb^½ (their squares are the eigenvalues of Σa Σb), with
+    symmetric eigensolves for the roots: real and stable for singular covariances (fewer samples than dimensions),
+    where scipy's general `sqrtm` needs an epsilon and complex clean-up, and where the square roots of rounding-level
+    eigenvalues would otherwise add up (a set against itself gives 0 to rounding).
     """
     mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
     sigma_a = np.atleast_2d(np.asarray(sigma_a, np.float64))
     sigma_b = np.atleast_2d(np.asarray(sigma_b, np.float64))
-    root_a = _psd_sqrt(sigma_a)
-    m = root_a @ sigma_b @ root_a
-    tr_covmean = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)))
+    tr_covmean = np.sum(np.linalg.svd(_psd_sqrt(sigma_a) @ _psd_sqrt(sigma_b), compute_uv=False))
     d = mu_a - mu_b
     return float(d @ d + np.trace(sigma_a) + np.trace(sigma_b) - 2 * tr_covmean)
 
 
 def fid(feats_a, feats_b) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (N_a and N_b may differ; D must agree)."""
-    a, b = np.asarray(feats_a), np.asarray(feats_b)
+    """Fréchet distance between Gaussians fitted to two feature sets (N_a and N_b may differ; D must agree).
+
+    With fewer samples than dimensions the same quantities come from the samples (no D x D matrix): tr Σ is the
+    centred features' squared norm over N - 1, and tr (Σa Σb)^½ the sum of the singular values of Xa Xbᵀ (N_a x N_b)
+    over sqrt((N_a - 1)(N_b - 1)), since that matrix times its transpose has the nonzero eigenvalues of Σa Σb.
+    """
+    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"fid: expected (N, D) arrays with one D, got {a.shape} and {b.shape}")
-    return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+    if max(len(a), len(b)) >= a.shape[1]:
+        return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+    gaussian_stats(a), gaussian_stats(b)  # the same shape checks
+    xa, xb = a - a.mean(0), b - b.mean(0)
+    na, nb = len(a) - 1, len(b) - 1
+    tr_covmean = np.sum(np.linalg.svd(xa @ xb.T, compute_uv=False)) / np.sqrt(na * nb)
+    d = a.mean(0) - b.mean(0)
+    return float(d @ d + np.sum(xa * xa) / na + np.sum(xb * xb) / nb - 2 * tr_covmean)

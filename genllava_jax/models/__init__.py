@@ -14,6 +14,7 @@ REGISTRY = {
     "siglip": ("genllava_jax.models.siglip", "SiglipVisionConfig", "SiglipVision"),
     "projector": ("genllava_jax.models.projector", "ProjectorConfig", "Projector"),
     "clip": ("genllava_jax.models.clip", "CLIPConfig", "CLIP"),
+    "inception": ("genllava_jax.models.inception", "InceptionConfig", "FIDInception"),
 }
 
 
