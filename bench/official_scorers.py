@@ -2,7 +2,8 @@
 
     python -m venv /tmp/official && /tmp/official/bin/pip install numpy pandas scikit-learn openpyxl tqdm pillow
     git clone https://github.com/haotian-liu/LLaVA; git clone https://github.com/open-compass/VLMEvalKit
-    git clone https://github.com/GT-Vision-Lab/VQA; git clone https://github.com/BradyFU/Awesome-Multimodal-Large-Language-Models MME
+    git clone https://github.com/GT-Vision-Lab/VQA
+    git clone https://github.com/BradyFU/Awesome-Multimodal-Large-Language-Models MME
     PYTHONPATH=. /tmp/official/bin/python bench/official_scorers.py --llava=LLaVA --vlmevalkit=VLMEvalKit --vqa=VQA \
         --mme=MME [--n 3000] [--print_only]
 
@@ -250,8 +251,8 @@ def gqa(off, rng, text, n):
                                                   "llava_gqa_testdev_balanced/llava-v1.5-13b.jsonl").read_text().splitlines()]
     rows = real[:n] + [{"question_id": f"g{i}", "text": text(2)} for i in range(n)]
     gold = [rng.choice([r["text"].lower(), r["text"].rstrip(".").lower(), "yes", "no", "left"]) for r in rows]
-    run([sys.executable, off.file("llava", LLAVA, "scripts/convert_gqa_for_eval.py"), "--src", jsonl(d / "a.jsonl", rows),
-         "--dst", d / "p.json"])
+    run([sys.executable, off.file("llava", LLAVA, "scripts/convert_gqa_for_eval.py"),
+         "--src", jsonl(d / "a.jsonl", rows), "--dst", d / "p.json"])
     preds = {p["questionId"]: p["prediction"] for p in json.loads((d / "p.json").read_text())}
     yield "GQA: match per question, LLaVA-1.5-13B's + generated answers", len(rows), sum(
         (preds[r["question_id"]] == g) != ev.gqa_match(r["text"], g) for r, g in zip(rows, gold))
@@ -283,7 +284,8 @@ def mme(off, rng, text, n):
         jsonl(d / "answers/x.jsonl", [{"question_id": q["question_id"], "prompt": q["text"], "text": t}
                                      for q, t in zip(qs, texts)])
         run([sys.executable, convert, "--experiment", "x"], cwd=d)
-        printed = run([sys.executable, off.dir / "eval_tool/calculation.py", "--results_dir", d / "eval_tool/answers/x"])
+        printed = run([sys.executable, off.dir / "eval_tool/calculation.py",
+                       "--results_dir", d / "eval_tool/answers/x"])
         theirs = {k: float(v) for k, v in re.findall(r"^\s+(\w+)  score: (\S+)$", printed, re.M)}
         totals = [float(v) for v in re.findall(r"^total score: (\S+)", printed, re.M)]
         mine = ev.score("mme", texts, ev.read_mme(jsonl(d / "q.jsonl", qs), root))

@@ -13,6 +13,7 @@ import sys
 from genllava_jax import errors
 
 PARTS = ("mistral", "siglip", "clip", "projector", "qformer", "unet", "vae", "inception")
+FILE_PARTS = ("inception",)  # --from-hf may be a bare weights file (pytorch-fid's .pth)
 
 
 def main(argv=None) -> int:
@@ -34,7 +35,8 @@ def main(argv=None) -> int:
     from genllava_jax import checkpoint
 
     src = a.from_hf or a.to_hf
-    if not Path(src).is_dir():
+    bare_file = a.from_hf and a.part in FILE_PARTS and Path(src).is_file()
+    if not (Path(src).is_dir() or bare_file):
         raise errors.MissingFile(f"--{'from-hf' if a.from_hf else 'to-hf'} {src}: no such folder")
 
     conv = importlib.import_module(f"convert.{a.part}")

@@ -53,7 +53,8 @@ def load(seed: int = 0):
     with weights drawn from `seed` (BatchNorm statistics too, so that eval-mode normalisation is exercised)."""
     tv_src = _wheel("torchvision").read("torchvision/models/inception.py").decode()
     fid = _wheel("pytorch_fid")
-    saved = {k: v for k, v in sys.modules.items() if k == "torchvision" or k.startswith(("torchvision.", "pytorch_fid"))}
+    ours = lambda k: k == "torchvision" or k.startswith(("torchvision.", "pytorch_fid"))  # noqa: E731
+    saved = {k: v for k, v in sys.modules.items() if ours(k)}
     try:
         tv = _module("torchvision", package=True, __version__="0.28.0")
         stand_ins = {
@@ -79,7 +80,7 @@ def load(seed: int = 0):
         sys.modules["pytorch_fid.inception"] = fid_inception
         fid_score = _module("pytorch_fid.fid_score", fid.read("pytorch_fid/fid_score.py").decode())
     finally:  # the stand-ins never outlive the load
-        for k in [k for k in sys.modules if k == "torchvision" or k.startswith(("torchvision.", "pytorch_fid"))]:
+        for k in [k for k in sys.modules if ours(k)]:
             del sys.modules[k]
         sys.modules.update(saved)
 

@@ -76,6 +76,13 @@ def test_round_trip_and_bad_checkpoints(weights, ours, tmp_path):
     kept = {k: v for k, v in original.items() if not (k.startswith("fc.") or k.endswith("num_batches_tracked"))}
     assert set(exported) == set(kept)
     assert all(np.array_equal(exported[k], v.numpy()) for k, v in kept.items())
+    # the CLI takes the bare .pth file
+    from convert.__main__ import main
+    from genllava_jax import checkpoint
+
+    assert main(["inception", "--from-hf", str(weights), "--out", str(tmp_path / "cli")]) == 0
+    cli = checkpoint.load_module(tmp_path / "cli")
+    assert all(np.array_equal(x, y) for x, y in zip(a, jax.tree.leaves(cli)))
     # a missing, a mis-shaped and an unknown key are each refused by name
     for name, change in [("missing", lambda s: s.pop("Mixed_6b.branch7x7_2.conv.weight")),
                          ("shape", lambda s: s.__setitem__("Mixed_5b.branch1x1.bn.weight", torch.ones(3))),
