@@ -12,7 +12,7 @@ import sys
 
 from genllava_jax import errors
 
-PARTS = ("mistral", "siglip", "clip", "projector", "qformer", "unet", "vae", "inception")
+PARTS = ("mistral", "siglip", "clip", "projector", "qformer", "unet", "vae", "inception", "dino")
 FILE_PARTS = ("inception",)  # --from-hf may be a bare weights file (pytorch-fid's .pth)
 
 

@@ -259,4 +259,4 @@ def gelu_tanh(x):
 
 ACTIVATIONS = {"gelu": gelu_exact, "gelu_pytorch_tanh": gelu_tanh, "gelu_new": gelu_tanh, "quick_gelu":
                lambda x: x * jax.nn.sigmoid(1.702 * x), "silu": jax.nn.silu, "swish": jax.nn.silu,
-               "relu": jax.nn.relu}
+               "relu": jax.nn.relu, "tanh": jnp.tanh}

@@ -15,6 +15,7 @@ REGISTRY = {
     "projector": ("genllava_jax.models.projector", "ProjectorConfig", "Projector"),
     "clip": ("genllava_jax.models.clip", "CLIPConfig", "CLIP"),
     "inception": ("genllava_jax.models.inception", "InceptionConfig", "FIDInception"),
+    "dino": ("genllava_jax.models.dino", "ViTConfig", "DinoViT"),
 }
 
 
