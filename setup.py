@@ -25,6 +25,7 @@ setup(
         "genllava-chat=genllava_jax.cli:main_chat",
         "genllava-generate=genllava_jax.cli:main_generate",
         "genllava-edit=genllava_jax.cli:main_edit",
+        "genllava-sd=genllava_jax.sd:main",
     ]},
     extras_require={
         # Oracles for the tests and the torch side of the converters. torch is pinned exactly: a bare `torch`

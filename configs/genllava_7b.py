@@ -5,7 +5,7 @@ Convert the pretrained parts once (HF / diffusers folders downloaded elsewhere),
 
     python -m convert siglip  --from-hf siglip-so400m-patch14-384 --out ckpt/siglip
     python -m convert mistral --from-hf Mistral-7B-Instruct-v0.2  --out ckpt/mistral
-    python -m convert.stable_diffusion stable-diffusion-v1-4 ckpt/sd   # unet/, vae/, null_conditioning.npy
+    python -m convert.stable_diffusion stable-diffusion-v1-4 ckpt/sd   # unet/ vae/ text_encoder/ null_conditioning.npy
     python -m genllava_jax.train --config=configs/genllava_7b.py --workdir=gs://bucket/genllava7b \
         --config.data.path=gvit.jsonl --config.data.tokenizer=Mistral-7B-Instruct-v0.2
 

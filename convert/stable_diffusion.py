@@ -1,52 +1,82 @@
-"""A whole diffusers Stable Diffusion pipeline folder -> our UNet and VAE checkpoints (+ the null conditioning).
+"""A whole diffusers Stable Diffusion pipeline folder -> ours, without torch.
 
-    python -m convert.stable_diffusion SD_DIR OUT_DIR     # writes OUT_DIR/{unet,vae}/ and null_conditioning.npy
+    python -m convert.stable_diffusion SD_DIR OUT_DIR
+        # OUT_DIR/unet/ vae/ [text_encoder/ tokenizer/ null_conditioning.npy] scheduler_config.json
 
-Where SD_DIR has text_encoder/ and tokenizer/, CLIP("") is computed with torch exactly as the pipelines encode an
-empty negative prompt (padded to the tokenizer's max length) and stored as a (77, D) float32 array: GenLLaVA's
-learned null conditioning starts from it.
+unet/, vae/ and the CLIP text_encoder/ become our checkpoints; the tokenizer and the scheduler config are copied, so
+`genllava_jax.sd.load(OUT_DIR)` runs text-to-image from the folder alone. Where SD_DIR has a text encoder and a
+tokenizer, CLIP("") is computed with our CLIP text tower exactly as the pipelines encode an empty negative prompt
+(padded to the tokenizer's max length, no attention mask) and stored as a (77, D) float32 array: GenLLaVA's learned
+null conditioning starts from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 
-from convert import unet as unet_conv, vae as vae_conv
-from convert.common import atomic_dir
+from convert import clip as clip_conv, unet as unet_conv, vae as vae_conv
+from convert.common import ConversionError, atomic_dir
 from genllava_jax import errors
 
 NULL_CONDITIONING = "null_conditioning.npy"
+SCHEDULER_CONFIG = "scheduler_config.json"
+
+
+def has_text_encoder(sd_dir) -> bool:
+    sd_dir = Path(sd_dir)
+    return (sd_dir / "text_encoder" / "config.json").exists() and (sd_dir / "tokenizer").is_dir()
+
+
+def encode_prompts(text_encoder, tokenizer, prompts) -> np.ndarray:
+    """(B, 77, D) float32: CLIP text states of the prompts as StableDiffusionPipeline.encode_prompt computes them."""
+    from genllava_jax.data.tokenizer import clip_tokens
+
+    ids, _ = clip_tokens(tokenizer, prompts)
+    graphdef, state = nnx.split(text_encoder)
+    run = jax.jit(lambda s, ids: nnx.merge(graphdef, s).encode_text(ids).last_hidden_state)
+    return np.asarray(run(state, ids), np.float32)
 
 
 def clip_null_conditioning(sd_dir) -> np.ndarray | None:
-    """CLIP text-encoder states of "" as (L, D) float32, or None if the folder has no text encoder + tokenizer."""
-    sd_dir = Path(sd_dir)
-    if not (sd_dir / "text_encoder" / "config.json").exists() or not (sd_dir / "tokenizer").is_dir():
-        return None
-    import torch
-    from transformers import AutoTokenizer, CLIPTextModel
+    """CLIP text-encoder states of "" as (L, D) float32 (our CLIP), or None without text encoder + tokenizer."""
+    from genllava_jax.data.tokenizer import load_clip_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(sd_dir / "tokenizer"))
-    encoder = CLIPTextModel.from_pretrained(str(sd_dir / "text_encoder")).eval()
-    ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    with torch.no_grad():
-        return encoder(ids)[0][0].float().numpy()
+    if not has_text_encoder(sd_dir):
+        return None
+    encoder = clip_conv.from_hf(Path(sd_dir) / "text_encoder", towers=("text",))
+    return encode_prompts(encoder, load_clip_tokenizer(Path(sd_dir) / "tokenizer"), [""])[0]
 
 
 def from_hf_pipeline(sd_dir, out_dir, *, overwrite: bool = False, **overrides) -> None:
-    """Converts `sd_dir`'s unet/ and vae/ into our checkpoints under `out_dir` (see the module docstring)."""
+    """Converts `sd_dir` into `out_dir` (see the module docstring)."""
     from genllava_jax import checkpoint
+    from genllava_jax.data.tokenizer import load_clip_tokenizer
 
+    sd_dir = Path(sd_dir)
+    scheduler = sd_dir / "scheduler" / SCHEDULER_CONFIG
+    if not sd_dir.is_dir():
+        raise errors.MissingFile(f"{sd_dir}: no such folder")
+    if not scheduler.exists():
+        raise ConversionError(f"{sd_dir}: no scheduler/{SCHEDULER_CONFIG}; is this a diffusers pipeline folder?")
     with atomic_dir(out_dir, overwrite) as tmp:
-        checkpoint.save_module(tmp / "unet", unet_conv.from_hf(Path(sd_dir) / "unet", **overrides), "unet")
-        checkpoint.save_module(tmp / "vae", vae_conv.from_hf(Path(sd_dir) / "vae", **overrides), "vae")
-        null = clip_null_conditioning(sd_dir)
-        if null is not None:
+        checkpoint.save_module(tmp / "unet", unet_conv.from_hf(sd_dir / "unet", **overrides), "unet")
+        checkpoint.save_module(tmp / "vae", vae_conv.from_hf(sd_dir / "vae", **overrides), "vae")
+        shutil.copy(scheduler, tmp / SCHEDULER_CONFIG)
+        if has_text_encoder(sd_dir):
+            encoder = clip_conv.from_hf(sd_dir / "text_encoder", towers=("text",), **overrides)
+            checkpoint.save_module(tmp / "text_encoder", encoder, "clip")
+            shutil.copytree(sd_dir / "tokenizer", tmp / "tokenizer")
+            # the null conditioning in float32 whatever the parameter dtype: it initialises a float32 parameter
+            f32 = encoder if encoder.cfg.param_dtype == "float32" else clip_conv.from_hf(
+                sd_dir / "text_encoder", towers=("text",))
+            null = encode_prompts(f32, load_clip_tokenizer(sd_dir / "tokenizer"), [""])[0]
             np.save(tmp / NULL_CONDITIONING, null)
 
 

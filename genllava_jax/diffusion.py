@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from genllava_jax import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class NoiseSchedule:
@@ -145,6 +147,37 @@ class EulerDiscrete:
 
 
 Sampler = DDIM | EulerDiscrete
+
+# what a diffusers scheduler config may set beyond our fields, with the only value we implement
+_UNSUPPORTED = {"trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False,
+                "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                "interpolation_type": "linear", "timestep_type": "discrete", "final_sigmas_type": "zero",
+                "sigma_min": None, "sigma_max": None}
+
+
+def sampler_from_config(kind: str, config: dict) -> Sampler:
+    """`DDIMScheduler.from_config(config)` ("ddim") or `EulerDiscreteScheduler.from_config(config)` ("euler") as
+    ours: the keys the class knows are taken, missing ones (and those the saving class had at its defaults, listed in
+    `_use_default_values`) get this class's defaults, as diffusers does: e.g. SD's PNDM scheduler_config.json gives
+    the DDIM and Euler the pipelines use. A feature we lack is an error."""
+    if kind not in ("ddim", "euler"):
+        raise errors.BadValue(f"sampler={kind!r}: choose 'ddim' or 'euler'")
+    # keys the saving class left at its own defaults do not carry over to another class (diffusers' from_config)
+    config = {k: v for k, v in config.items() if k not in config.get("_use_default_values", ())}
+    for key, ok in _UNSUPPORTED.items():
+        if config.get(key, ok) != ok:
+            raise errors.BadValue(f"scheduler config {key}={config[key]!r} is not supported (only {ok!r})")
+    get = lambda k, default: config.get(k, default)
+    schedule = NoiseSchedule(num_train_timesteps=get("num_train_timesteps", 1000),
+                             beta_start=get("beta_start", 0.0001), beta_end=get("beta_end", 0.02),
+                             beta_schedule=get("beta_schedule", "linear"),
+                             prediction_type=get("prediction_type", "epsilon"))
+    if kind == "ddim":
+        return DDIM(schedule, timestep_spacing=get("timestep_spacing", "leading"), steps_offset=get("steps_offset", 0),
+                    set_alpha_to_one=get("set_alpha_to_one", True), clip_sample=get("clip_sample", True),
+                    clip_sample_range=get("clip_sample_range", 1.0))
+    return EulerDiscrete(schedule, timestep_spacing=get("timestep_spacing", "linspace"),
+                         steps_offset=get("steps_offset", 0))
 
 
 def sample_loop(model_fn: Callable, sampler: Sampler, num_steps: int, noise: jax.Array, *,

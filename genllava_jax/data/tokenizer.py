@@ -85,7 +85,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, *, num_img_tokens
 def load_clip_tokenizer(path: str | Path):
     """The HF CLIP tokenizer saved in a local folder (a CLIP checkpoint's, or an SD pipeline's `tokenizer/`)."""
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"CLIP tokenizer directory {str(path)!r} does not exist")
+        raise errors.MissingFile(f"CLIP tokenizer directory {str(path)!r} does not exist")
     return transformers.AutoTokenizer.from_pretrained(str(path))
 
 
