@@ -81,6 +81,102 @@ def hf_answers(assistant, hf, items, prompts, batches, max_new_tokens, text) -> 
     return out
 
 
+def torch_images(tg, assistant, items, prompts, batches, steps: int, guidance: float, seed: int = 0) -> int:
+    """diffusers-based generation of the same model, batch by batch: the torch composition
+    (`convert.torch_genllava.TorchGenLLaVA`) gives the [IMG] conditioning of prompt + [SOI][IMG..] (forced, as our
+    timed pass), then `diffusers.DDIMScheduler` steps the `UNet2DConditionModel` with classifier-free guidance
+    against the learned null conditioning and `AutoencoderKL` decodes. Returns the number of images made."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from genllava_jax import infer
+
+    ids, cfg = assistant.ids, assistant.model.cfg
+    s = cfg.schedule
+    sched = DDIMScheduler(num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
+                          beta_schedule=s.beta_schedule, prediction_type=s.prediction_type, clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    g = torch.Generator().manual_seed(seed)
+    made = 0
+    with torch.inference_mode():
+        for b in batches:
+            rows = [prompts[i] + list(ids.generation) for i in b.rows]  # the answer forced straight to [SOI][IMG..]
+            x, mask = infer.left_pad(rows, max(map(len, rows)), ids.pad)
+            pixels, has_image, _ = assistant.pixels([items[i].load_image() for i in b.rows])
+            x, mask = torch.from_numpy(x).long(), torch.from_numpy(mask).long()
+            embeds = tg.embed_inputs(x, torch.from_numpy(pixels), torch.from_numpy(has_image))
+            hidden = tg.llm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+            pos = (x[:, None, :] == torch.tensor(cfg.img_token_ids)[None, :, None]).long().argmax(-1)
+            take = lambda t: torch.gather(t, 1, pos[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+            cond = tg.head(take(hidden), take(embeds))
+            both = torch.cat([tg.null_cond[None].expand_as(cond), cond])
+            size = cfg.unet.sample_size
+            latents = torch.randn(len(rows), tg.unet.config.in_channels, size, size, generator=g)
+            sched.set_timesteps(steps)
+            for t in sched.timesteps:
+                eps_u, eps_c = tg.unet(torch.cat([latents] * 2), t, encoder_hidden_states=both).sample.chunk(2)
+                latents = sched.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
+            tg.vae.decode(latents / cfg.vae.scaling_factor).sample.clamp(-1, 1)
+            made += len(rows)
+    return made
+
+
+def image_row(a, assistant, world, tmp, mesh, what, load, record_fn):
+    """Images/s: our sweep's generation cell (decode, then the jitted [IMG] -> Q-former -> guided DDIM -> VAE on
+    full batches, PNGs written) vs diffusers-based generation of the same model, in the same run."""
+    import torch
+
+    from convert.torch_genllava import TorchGenLLaVA
+    from genllava_jax import infer, sweep
+    from genllava_jax.evaluate import generation, synthetic
+
+    items = generation.read_t2i(synthetic.write_t2i(world, tmp, a.images, eval_only=False)[0])
+    prompts = sweep.prompts_of(assistant, items)
+    settings = infer.Settings(max_new_tokens=1, num_steps=a.steps, guidance_scale=a.guidance, force_image=True)
+    runner = sweep.CellRunner(assistant, mesh, a.batch)
+    t0 = time.perf_counter()
+    runner.run(items, prompts, settings, tmp / "warm_t2i.jsonl", "bench", images_dir=tmp / "warm_images")
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    runner.run(items, prompts, settings, tmp / "timed_t2i.jsonl", "bench", images_dir=tmp / "timed_images")
+    ours_s = time.perf_counter() - t0
+    n_ours = len(list((tmp / "timed_images").glob("*.png")))
+
+    tg = TorchGenLLaVA.from_jax(assistant.model, tmp / "torch").eval()
+    batches = sweep.plan(prompts, items, a.batch, assistant.length_buckets)
+    theirs_s, threads = float("inf"), torch.get_num_threads()
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        torch_images(tg, assistant, items, prompts, batches[:1], a.steps, a.guidance)  # warm-up
+        t0 = time.perf_counter()
+        n_theirs = torch_images(tg, assistant, items, prompts, batches, a.steps, a.guidance)
+        dt = time.perf_counter() - t0
+        if dt < theirs_s:
+            theirs_s, threads = dt, n
+    c = assistant.model.cfg
+    command = (f"python bench/eval.py{f' --workdir {a.workdir}' if a.workdir else ''} --images {a.images} "
+               f"--batch {a.batch} --steps {a.steps} --guidance {a.guidance}")
+    record_fn(
+        "eval images", command,
+        ["model, benchmark", "ours images/s", "diffusers images/s", "ratio (ours/diffusers)", "our compile s"],
+        [f"{what} (UNet {c.unet.sample_size}² latents, VAE {c.vae.sample_size}² px), t2i synthetic, {n_ours} "
+         f"images, batch {a.batch}, DDIM {a.steps} steps, guidance {a.guidance}, {len(jax_devices())} device(s), "
+         f"torch {threads} thread(s)",
+         f"{n_ours / ours_s:.2f}", f"{n_theirs / theirs_s:.2f}", f"{theirs_s / ours_s:.2f}×",
+         f"{first_s - ours_s:.1f}"],
+        note="Ours: a sweep t2i cell with force_image (a 1-token answer decoded, then [SOI][IMG..] forced), timed on a "
+             "second pass (compilation excluded), PNGs written. diffusers: the same model composed in torch, the "
+             "prompt forced to [SOI][IMG..] without decoding, one warm-up batch, images decoded but not saved. "
+             f"The machine was shared (1-minute load average {load:.1f} before, {os.getloadavg()[0]:.1f} after, "
+             f"on {os.cpu_count()} cores).")
+
+
+def jax_devices():
+    import jax
+
+    return jax.devices()
+
+
 def print_row(name, command, header, row, note=""):
     print(f"{name}: {command}\n" + "\n".join(f"  {h}: {v}" for h, v in zip(header, row)))
 
@@ -93,6 +189,10 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--new", type=int, default=16)
     p.add_argument("--print_only", action="store_true", help="do not write BENCHMARKS.md (trial runs)")
+    p.add_argument("--images", type=int, default=32, help="image row: t2i prompts (0: no image row)")
+    p.add_argument("--steps", type=int, default=10, help="image row: DDIM steps")
+    p.add_argument("--guidance", type=float, default=3.0, help="image row: classifier-free guidance scale")
+    p.add_argument("--images_only", action="store_true", help="only the image row")
     a = p.parse_args()
 
     import jax
@@ -112,6 +212,10 @@ def main():
     else:
         assistant, world = fresh_tiny(tmp, mesh, buckets)
         what = "configs/tiny.py, untrained"
+    if a.images:
+        image_row(a, assistant, world, tmp, mesh, what, load[0], print_row if a.print_only else record)
+    if a.images_only:
+        return
     items = read_benchmark("gqa", *synthetic.write_gqa(world, tmp, a.n))
     prompts = sweep.prompts_of(assistant, items)
     settings = infer.Settings(max_new_tokens=a.new)

@@ -148,6 +148,7 @@ class Settings:
     image_guidance_scale: float = 1.5
     sampler: str = "ddim"
     seed: int = 0
+    force_image: bool = False  # generation/editing: [SOI][IMG..] forced after every answer (teacher-forced)
 
 
 @dataclasses.dataclass

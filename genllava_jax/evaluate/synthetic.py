@@ -80,3 +80,39 @@ def write_pope(world_dir, out_dir, n: int | None = None, *, seed: int = 0,
     for cat, rows in labels.items():
         _jsonl(out / "coco" / f"coco_pope_{cat}.json", rows)
     return str(out / "llava_pope_test.jsonl"), str(world_dir), str(out / "coco")
+
+
+def _records(world_dir, task: str, eval_only: bool) -> list[dict]:
+    world = Path(world_dir)
+    files = ["eval.jsonl"] if eval_only else ["eval.jsonl", "train.jsonl"]
+    out = [json.loads(line) for f in files for line in (world / f).read_text().splitlines() if line.strip()]
+    return [r for r in out if r.get("task") == task]
+
+
+def write_t2i(world_dir, out_dir, n: int = 8, *, eval_only: bool = True) -> tuple[str, str]:
+    """t2i layout: a JSONL of {id, prompt, caption} from the world's t2i records and a reference folder of the
+    world's images (for FID): (captions.jsonl, reference folder)."""
+    recs = _records(world_dir, "t2i", eval_only)[:n]
+    if len(recs) < n:
+        raise ValueError(f"{world_dir}: only {len(recs)} t2i records")
+    out = Path(out_dir) / "t2i"
+    _jsonl(out / "captions.jsonl", [{"id": f"t{i}", "prompt": r["conversations"][0]["value"],
+                                     "caption": r["caption"]} for i, r in enumerate(recs)])
+    ref = out / "reference"
+    ref.mkdir(parents=True, exist_ok=True)
+    for r in recs:
+        (ref / Path(r["target_image"]).name).write_bytes((Path(world_dir) / r["target_image"]).read_bytes())
+    return str(out / "captions.jsonl"), str(ref)
+
+
+def write_edit(world_dir, out_dir, n: int = 8, *, eval_only: bool = True) -> tuple[str, str]:
+    """MagicBrush-style layout: a JSONL of {id, source, instruction, target, caption} with paths relative to the
+    world dir: (edits.jsonl, world dir)."""
+    recs = _records(world_dir, "edit", eval_only)[:n]
+    if len(recs) < n:
+        raise ValueError(f"{world_dir}: only {len(recs)} edit records")
+    out = Path(out_dir) / "edit"
+    _jsonl(out / "edits.jsonl", [{"id": f"e{i}", "source": r["image"], "target": r["target_image"],
+                                  "instruction": r["conversations"][0]["value"].replace("<image>", "").strip(),
+                                  "caption": r["caption"]} for i, r in enumerate(recs)])
+    return str(out / "edits.jsonl"), str(world_dir)
