@@ -12,13 +12,10 @@ size-bounded safetensors shards plus an index, written into a temporary director
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -28,6 +25,7 @@ from flax import nnx
 
 from genllava_jax import errors
 from genllava_jax import sharding as shd
+from genllava_jax.atomic import atomic_write
 
 
 class ConversionError(errors.BadValue):
@@ -318,28 +316,6 @@ def hf_tensors(module: nnx.Module, rules: Sequence[Rule], dtype=None):
             yield rule.hf, np.require(rule.transform.to_hf(a, hf_shape), requirements="C")
 
 
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
-    """Yields a temporary directory beside `out`, renamed to `out` only if the block finishes."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise errors.OutputExists(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], folder: Path, prefix: str = "model",
                       max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Writes size-bounded shards and, when there is more than one, `{prefix}.safetensors.index.json`."""
@@ -379,6 +355,6 @@ def export_hf(path, hf_config: dict, tensors: Iterable[tuple[str, np.ndarray]], 
     `dtype`, when the tensors were cast to it, is recorded as the config's torch_dtype."""
     if dtype is not None:
         hf_config = {**hf_config, "torch_dtype": str(dtype)}
-    with atomic_dir(path, overwrite) as tmp:
+    with atomic_write(path, directory=True, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         write_safetensors(tensors, tmp, prefix=prefix, max_shard_bytes=max_shard_bytes)

@@ -22,8 +22,9 @@ import numpy as np
 from flax import nnx
 
 from convert import clip as clip_conv, unet as unet_conv, vae as vae_conv
-from convert.common import ConversionError, atomic_dir
+from convert.common import ConversionError
 from genllava_jax import errors
+from genllava_jax.atomic import atomic_write
 
 NULL_CONDITIONING = "null_conditioning.npy"
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -65,7 +66,7 @@ def from_hf_pipeline(sd_dir, out_dir, *, overwrite: bool = False, **overrides) -
         raise errors.MissingFile(f"{sd_dir}: no such folder")
     if not scheduler.exists():
         raise ConversionError(f"{sd_dir}: no scheduler/{SCHEDULER_CONFIG}; is this a diffusers pipeline folder?")
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_write(out_dir, directory=True, overwrite=overwrite) as tmp:
         checkpoint.save_module(tmp / "unet", unet_conv.from_hf(sd_dir / "unet", **overrides), "unet")
         checkpoint.save_module(tmp / "vae", vae_conv.from_hf(sd_dir / "vae", **overrides), "vae")
         shutil.copy(scheduler, tmp / SCHEDULER_CONFIG)

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from convert import mistral, projector, qformer, siglip, unet, vae
-
-IGNORE = -100
+from genllava_jax.constants import IGNORE
 
 
 def draws_of(cfg, rng, batch_size: int) -> dict[str, np.ndarray]:

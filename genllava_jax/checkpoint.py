@@ -25,14 +25,13 @@ from flax import nnx
 
 from genllava_jax import errors
 from genllava_jax import sharding as shd
+from genllava_jax.atomic import atomic_write
 from genllava_jax.models import lookup
 
 
 def save_module(path, module: nnx.Module, part: str, overwrite: bool = False) -> None:
     """Writes `path/config.json` and `path/params` atomically (a temporary directory renamed into place)."""
-    from convert.common import atomic_dir
-
-    with atomic_dir(path, overwrite) as tmp:
+    with atomic_write(path, directory=True, overwrite=overwrite) as tmp:
         cfg = dataclasses.asdict(module.cfg)
         (tmp / "config.json").write_text(json.dumps({"part": part, "config": cfg}, indent=2))
         with ocp.StandardCheckpointer() as ckptr:

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from genllava_jax import diffusion
-from genllava_jax.data.template import IGNORE
+from genllava_jax.constants import IGNORE
 from genllava_jax.models import mistral
 
 SAMPLERS = {"ddim": diffusion.DDIM, "euler": diffusion.EulerDiscrete}

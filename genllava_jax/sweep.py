@@ -53,6 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from genllava_jax import cli, errors, infer, sharding as shd
+from genllava_jax.atomic import atomic_write
 from genllava_jax.evaluate import BENCHMARKS, Item, answer_record, generation, read_answers, read_benchmark, score, \
     write_answers
 
@@ -333,15 +334,13 @@ def image_name(key: str) -> str:
 def _write_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,9 +401,8 @@ def finish_cell(cell: Cell, out: Path, spec: dict, items: Sequence[Item], answer
         recs[-1]["metadata"]["key"] = it.key
         recs[-1]["metadata"].update({k: v for k, v in kept.get(it.key, {}).get("metadata", {}).items()
                                      if k in ("soi", "image")})
-    tmp = path.with_name(path.name + ".tmp")
-    write_answers(tmp, recs)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        write_answers(tmp, recs)
     done = {**spec, "n": len(items), "metrics": {}}
     if image_cell:
         done["metrics"] = _image_metrics(cell, out, items, recs, encoders or generation.Encoders(),

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from micro import micro_config, single_mesh
 from PIL import Image
 
 from genllava_jax import cli, infer, train
-from test_genllava import data_dir, micro_config, single_mesh  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

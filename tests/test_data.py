@@ -13,9 +13,10 @@ import pytest
 from absl import flags
 from PIL import Image
 
+from genllava_jax.constants import IGNORE
 from genllava_jax.data import arrayrecord, pipeline, synthetic
 from genllava_jax.data.records import BadRecord, parse
-from genllava_jax.data.template import IGNORE, encode_conversation, encode_text
+from genllava_jax.data.template import encode_conversation, encode_text
 from genllava_jax.data.tokenizer import SpecialIds, load_tokenizer
 
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags; train.py parses them through app.run

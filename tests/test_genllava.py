@@ -1,8 +1,6 @@
 """The joint model and its one jitted train step: loss goes down, gradients reach what they must, frozen parts stay
 frozen, sharded equals single-device, and a resumed run continues exactly."""
 
-import importlib.util
-import json
 from pathlib import Path
 
 import jax
@@ -11,62 +9,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from absl import flags
 from flax import nnx
+from micro import fixed_batch, load_config_file, logged_losses, metric_rows, micro_config, single_mesh
 
 from genllava_jax import sharding as shd, train
-from genllava_jax.data import synthetic
-from genllava_jax.data.pipeline import make_dataset
-
-ROOT = Path(__file__).resolve().parent.parent
-flags.FLAGS.mark_as_parsed()  # grain reads absl flags
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    synthetic.make_synthetic(out, num_train=96, num_eval=8, image_size=16, num_img_tokens=4)
-    return out
-
-
-def micro_config(data_dir):
-    """configs/tiny.py shrunk further so that the joint step compiles in seconds."""
-    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    c = tiny.get_config()
-    c.data.update(path=str(data_dir / "train.jsonl"), tokenizer=str(data_dir / "tokenizer"), max_len=40,
-                  image_size=16, num_patches=4, target_image_size=16, num_img_tokens=4, read_threads=1)
-    m = c.model
-    m.vision.update(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, image_size=16, patch_size=8)
-    m.projector.update(vision_size=16, text_size=32)
-    m.llm.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
-    m.head.update(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, encoder_hidden_size=32,
-                  llm_hidden_size=32, num_query_tokens=4, out_dim=16)
-    m.unet.update(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16, heads=(2, 2))
-    m.vae.update(block_out_channels=(8, 8), norm_num_groups=4, sample_size=16)
-    m.diffusion_rows = 0
-    c.train.update(steps=6, batch_size=8, lr=3e-3, log_every=1, checkpoint_every=3, warmup_frac=0.2)
-    c.mesh = dict(data=1, fsdp=1, tensor=1)
-    return c
-
-
-def single_mesh():
-    return shd.make_mesh({"data": 1}, jax.devices()[:1])
-
-
-def fixed_batch(c, tokenizer, n=8):
-    it, _ = make_dataset(c.data, tokenizer, global_batch=n, seed=0)
-    return next(it)
-
-
-@pytest.fixture(scope="module")
-def built(data_dir):
-    """The micro model, built once (initialisation compiles slowly on CPU); tests take fresh copies."""
-    c = micro_config(data_dir)
-    cfg, model, tokenizer, _ = train.build(c, single_mesh())
-    graphdef, state = nnx.split(model)
-    return c, cfg, tokenizer, lambda: nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
 
 
 def test_train_steps_lower_the_loss_and_leave_frozen_parts_bit_identical(built):
@@ -125,14 +71,6 @@ def test_sharded_train_step_equals_single_device(built):
     assert kernel.addressable_shards[0].data.size < kernel.size  # really sharded
 
 
-def _rows(workdir):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _losses(workdir):
-    return [r["loss"] for r in _rows(workdir) if "loss" in r]
-
-
 @pytest.mark.slow
 def test_resumed_run_continues_exactly(data_dir, tmp_path, monkeypatch):
     c = micro_config(data_dir)
@@ -144,14 +82,14 @@ def test_resumed_run_continues_exactly(data_dir, tmp_path, monkeypatch):
     straight.train.update(eval_every=3, eval_batches=1, sample_every=6)
     straight.sample.num_steps = 2
     train.run(straight, tmp_path / "straight", mesh=mesh)
-    assert [r["step"] for r in _rows(tmp_path / "straight") if "eval/ce" in r] == [3, 6]
+    assert [r["step"] for r in metric_rows(tmp_path / "straight") if "eval/ce" in r] == [3, 6]
     assert len(built) == 1 and built[0]._cache_size() == 1  # two evaluations, one compilation
     assert (tmp_path / "straight" / "samples" / "step_0000006.png").exists()
     assert list((tmp_path / "straight" / "tb").iterdir())  # TensorBoard events
     train.run(c, tmp_path / "resumed", mesh=mesh, stop_after=3)  # "killed" after the step-3 checkpoint
-    assert len(_losses(tmp_path / "resumed")) == 3
+    assert len(logged_losses(tmp_path / "resumed")) == 3
     train.run(c, tmp_path / "resumed", mesh=mesh)
-    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    straight, resumed = logged_losses(tmp_path / "straight"), logged_losses(tmp_path / "resumed")
     assert len(straight) == 6 and len(resumed) == 6
     assert resumed == straight  # same data order, same rng, same state: bit-identical losses
     model, cfg = train.load_trained(tmp_path / "resumed", mesh)
@@ -180,10 +118,7 @@ def test_7b_config_builds_the_papers_model_abstractly(data_dir):
     from genllava_jax.data.tokenizer import load_tokenizer
     from genllava_jax.models.genllava import GenLLaVA
 
-    spec = importlib.util.spec_from_file_location("g7b", ROOT / "configs" / "genllava_7b.py")
-    g7b = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(g7b)
-    c = g7b.get_config()
+    c = load_config_file("genllava_7b")
     c.data.tokenizer = str(data_dir / "tokenizer")
     cfg = train.model_config(c, load_tokenizer(c.data.tokenizer, c.data.num_img_tokens))
     model = nnx.eval_shape(lambda: GenLLaVA(cfg, rngs=nnx.Rngs(0)))
@@ -212,7 +147,7 @@ def test_latent_concat_editing_mode_feeds_source_latents_to_an_8_channel_unet(bu
     assert loss.shape == () and metrics["mse"].shape == ()
 
 
-def test_diffusion_repeats_equal_duplicated_rows(built):
+def test_diffusion_repeats_equal_duplicatedmetric_rows(built):
     """repeats=2 gives the loss of a batch whose rows are each duplicated (same noise draws, no condition dropout)."""
     c, cfg, tokenizer, fresh = built
     model = fresh()

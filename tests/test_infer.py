@@ -10,7 +10,6 @@ from flax import nnx
 
 from genllava_jax import infer
 from genllava_jax.models.mistral import Mistral, MistralConfig, decode
-from test_genllava import built, data_dir  # noqa: F401  (fixtures)
 
 CFG = MistralConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                     head_dim=8, rope_theta=1e4)

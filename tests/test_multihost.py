@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from micro import logged_losses, metric_rows, micro_config
 
 from genllava_jax import distributed, sharding as shd, train
 from genllava_jax.data.pipeline import make_dataset
-from test_genllava import _losses, _rows, data_dir, micro_config  # noqa: F401  (data_dir is a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_PROCESSES, LOCAL_DEVICES = 2, 2
@@ -149,7 +149,7 @@ def reference_losses(world, steps: int) -> list[float]:
 
 
 @pytest.mark.slow
-def test_two_processes_checkpoint_restart_and_match_one_process(data_dir, tmp_path):  # noqa: F811
+def test_two_processes_checkpoint_restart_and_match_one_process(data_dir, tmp_path):
     workdir = tmp_path / "run"
     job = Workers(["train", data_dir, workdir, 3], tmp_path, "first")  # stops after the step-3 checkpoint
     try:
@@ -158,18 +158,18 @@ def test_two_processes_checkpoint_restart_and_match_one_process(data_dir, tmp_pa
         job.kill()
         raise
     first = job.wait()
-    assert len(_losses(workdir)) == 3
+    assert len(logged_losses(workdir)) == 3
     second = Workers(["train", data_dir, workdir], tmp_path, "second").wait()  # a fresh 2-process job resumes
     assert "resumed from step 3" in second[0]
     ckpt = workdir / "checkpoints" / "6"
     assert {p.name for p in (ckpt / "data").iterdir()} >= {"process_0-of-2.json", "process_1-of-2.json"}
 
-    losses = _losses(workdir)
+    losses = logged_losses(workdir)
     # process 0 alone logs: one row a step, not one per process
-    assert [r["step"] for r in _rows(workdir) if "loss" in r] == list(range(1, 7))
+    assert [r["step"] for r in metric_rows(workdir) if "loss" in r] == list(range(1, 7))
     assert not any(" loss " in line for log in (first[1], second[1]) for line in log.splitlines())
     np.testing.assert_allclose(losses, reference, rtol=1e-5, atol=1e-5)
-    assert [r["step"] for r in _rows(workdir) if "eval/ce" in r] == [3, 6]
+    assert [r["step"] for r in metric_rows(workdir) if "eval/ce" in r] == [3, 6]
     assert {p.name for p in (workdir / "samples").iterdir()} == {"step_0000003.png", "step_0000006.png"}
 
 

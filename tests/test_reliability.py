@@ -33,14 +33,15 @@ import pytest
 from absl import flags
 from flax import nnx
 from hypothesis import HealthCheck, event, given, settings, strategies as st
+from micro import micro_config
 from PIL import Image
 
 from genllava_jax import checkpoint, config_check, train
+from genllava_jax.constants import IGNORE
 from genllava_jax.data import pipeline
 from genllava_jax.data.records import REASONS, TASKS, BadRecord
-from genllava_jax.data.template import GENERATES, IGNORE
+from genllava_jax.data.template import GENERATES
 from genllava_jax.data.tokenizer import SpecialIds, load_tokenizer
-from test_genllava import data_dir, micro_config  # noqa: F401  (data_dir is a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags
@@ -612,6 +613,7 @@ def projector_hf(tmp_path):
 
 def test_converter_refuses_integer_weights_by_name(projector_hf):
     from safetensors.numpy import load_file, save_file
+
     from convert.common import ConversionError
 
     pconv, _, path = projector_hf
@@ -626,6 +628,7 @@ def test_converter_refuses_integer_weights_by_name(projector_hf):
 def test_bin_pickles_load_only_plain_tensors(projector_hf, tmp_path):
     import torch
     from safetensors.numpy import load_file
+
     from convert.common import ConversionError
 
     pconv, model, path = projector_hf

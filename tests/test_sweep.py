@@ -12,11 +12,11 @@ import sys
 import time
 
 import pytest
+from micro import micro_config, single_mesh
 
 from genllava_jax import checkpoint, cli, infer, sweep, train
 from genllava_jax.data.pipeline import make_dataset
 from genllava_jax.evaluate import read_benchmark, synthetic
-from test_genllava import data_dir, micro_config, single_mesh  # noqa: F401  (fixture)
 
 SETTINGS = {"greedy": infer.Settings(max_new_tokens=6),
             "sample": infer.Settings(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3)}

@@ -11,7 +11,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTMod
 
 from genllava_jax import evaluate as ev, infer, sweep
 from genllava_jax.evaluate import generation, synthetic
-from test_genllava import data_dir, micro_config  # noqa: F401  (fixture)
+from micro import micro_config
 from test_sweep import untrained_workdir
 
 SETTINGS = {"own": infer.Settings(max_new_tokens=4, num_steps=2),

@@ -2,13 +2,12 @@
 by each part's converter): loss, its parts and the gradients of the trained parameters agree."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from micro import fixed_batch
 
 from convert.torch_genllava import TorchGenLLaVA, draws_of
-from test_genllava import built, data_dir, fixed_batch  # noqa: F401  (fixtures)
 
 torch = pytest.importorskip("torch")
 

@@ -10,7 +10,6 @@ or corrupt image, ...) are left out and counted. The pipeline reads a path endin
 from __future__ import annotations
 
 import collections
-import os
 from pathlib import Path
 
 import grain
@@ -19,6 +18,7 @@ from absl import flags
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from genllava_jax import errors
+from genllava_jax.atomic import atomic_write
 from genllava_jax.data.records import BadRecord, as_dict, load_image, parse, read_records
 
 IMAGE_KEYS = ("image", "target_image")
@@ -55,18 +55,18 @@ def embed(raw: str | dict, base_dir: Path) -> dict:
 
 def write(src: str | Path, out: str | Path) -> collections.Counter:
     """Converts a GVIT .json/.jsonl file; returns the counts of written and skipped (by reason) records."""
-    counts, base_dir, tmp, raws = collections.Counter(), Path(src).parent, f"{out}.tmp", read_records(src)
-    writer = ArrayRecordWriter(tmp, "group_size:1")  # group_size 1: each record readable on its own (random access)
-    try:
-        for raw in raws:
-            try:
-                writer.write(pack(embed(raw, base_dir)))
-                counts["written"] += 1
-            except BadRecord as e:
-                counts[e.reason] += 1
-    finally:
-        writer.close()
-    os.replace(tmp, out)  # a crash never leaves a half-written file under the final name
+    counts, base_dir, raws = collections.Counter(), Path(src).parent, read_records(src)
+    with atomic_write(out) as tmp:  # a crash never leaves a half-written file under the final name
+        writer = ArrayRecordWriter(str(tmp), "group_size:1")  # group_size 1: each record readable on its own
+        try:
+            for raw in raws:
+                try:
+                    writer.write(pack(embed(raw, base_dir)))
+                    counts["written"] += 1
+                except BadRecord as e:
+                    counts[e.reason] += 1
+        finally:
+            writer.close()
     return counts
 
 

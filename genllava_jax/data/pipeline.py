@@ -32,10 +32,11 @@ import numpy as np
 from PIL import Image
 
 from genllava_jax import errors
+from genllava_jax.constants import IGNORE
 from genllava_jax.data import arrayrecord
 from genllava_jax.data.image import ImageConfig, preprocess, to_rgb
 from genllava_jax.data.records import REASONS, TASKS, BadRecord, Record, load_image, parse, read_records
-from genllava_jax.data.template import GENERATES, IGNORE, TASK_TOKEN, encode_conversation
+from genllava_jax.data.template import GENERATES, TASK_TOKEN, encode_conversation
 from genllava_jax.data.tokenizer import SpecialIds
 
 MAX_SKIPS_IN_A_ROW = 1000  # more means the data is unusable (wrong folder, ...): fail instead of spinning forever

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import functools
 
+from genllava_jax.constants import IGNORE
 from genllava_jax.data.tokenizer import END_INST, IMAGE, INST, SpecialIds
 
-IGNORE = -100
 TASK_TOKEN = {"i2t": "i2t", "t2i": "t2i", "edit": "t2i"}  # task -> SpecialIds field starting the first user turn
 GENERATES = ("t2i", "edit")  # tasks whose last answer ends with [SOI] [IMG0..N-1] [EOI]
 

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from genllava_jax import diffusion
+from genllava_jax.constants import IGNORE
 from genllava_jax.layers import param
 from genllava_jax.models.mistral import Mistral, MistralConfig
 from genllava_jax.models.projector import Projector, ProjectorConfig
@@ -28,7 +29,6 @@ from genllava_jax.models.vae import AutoencoderKL, VAEConfig
 
 PARTS = {"vision": SiglipVisionConfig, "projector": ProjectorConfig, "llm": MistralConfig,
          "head": QFormerHeadConfig, "unet": UNetConfig, "vae": VAEConfig, "schedule": diffusion.NoiseSchedule}
-IGNORE = -100  # label of untrained positions
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from genllava_jax.layers import ACTIVATIONS, Conv, GroupNorm, LayerNorm, Linear, dot_product_attention, remat
+from genllava_jax.models.sd_blocks import Downsample, ResnetBlock, Upsample, as_tuple, constrain_images, dtype_kw
 from genllava_jax.sharding import constrain
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -31,10 +32,6 @@ _OFF = {"class_embed_type": (None,), "addition_embed_type": (None,), "time_cond_
         "attention_type": ("default",), "class_embeddings_concat": (False,), "cross_attention_norm": (None,),
         "mid_block_type": ("UNetMidBlock2DCrossAttn",), "reverse_transformer_layers_per_block": (None,),
         "addition_time_embed_dim": (None,), "projection_class_embeddings_input_dim": (None,), "dropout": (0, 0.0)}
-
-
-def _tuple(x):
-    return tuple(x) if isinstance(x, (list, tuple)) else x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +66,7 @@ class UNetConfig:
 
     def __post_init__(self):  # lists from JSON back to (hashable) tuples
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _tuple(getattr(self, f.name)))
+            object.__setattr__(self, f.name, as_tuple(getattr(self, f.name)))
         n = len(self.block_out_channels)
         if not (len(self.down_block_types) == len(self.up_block_types) == len(self.heads) == n):
             raise ValueError(f"UNetConfig: {n} block_out_channels but {len(self.down_block_types)} down blocks, "
@@ -130,40 +127,8 @@ class UNetConfig:
         }
 
 
-def _kw(cfg) -> dict:
-    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-
-
-def _images(x_NHWC):
-    return constrain(x_NHWC, ("batch", None, None, None))
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Building blocks, shared with the VAE.
-
-
-class ResnetBlock(nnx.Module):
-    """diffusers' ResnetBlock2D ("default" time embedding norm): two GroupNorm-act-conv stages plus a shortcut."""
-
-    def __init__(self, c_in: int, c_out: int, temb: int | None, groups: int, eps: float, act: str,
-                 output_scale: float = 1.0, *, rngs: nnx.Rngs, **kw):
-        self.norm1 = GroupNorm(groups, c_in, eps, **kw)
-        self.conv1 = Conv(c_in, c_out, 3, padding=1, rngs=rngs, **kw)
-        self.time_emb_proj = Linear(temb, c_out, ("mlp", "conv_out"), use_bias=True, rngs=rngs, **kw) if temb else None
-        self.norm2 = GroupNorm(groups, c_out, eps, **kw)
-        self.conv2 = Conv(c_out, c_out, 3, padding=1, rngs=rngs, **kw)
-        self.conv_shortcut = Conv(c_in, c_out, 1, rngs=rngs, **kw) if c_in != c_out else None
-        self.act, self.output_scale = act, output_scale
-
-    def __call__(self, x_NHWC, temb_BE=None):
-        act = ACTIVATIONS[self.act]
-        h = self.conv1(act(self.norm1(x_NHWC)))
-        if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(act(temb_BE))[:, None, None, :]
-        h = self.conv2(act(self.norm2(h)))
-        if self.conv_shortcut is not None:
-            x_NHWC = self.conv_shortcut(x_NHWC)
-        return (x_NHWC + h) / self.output_scale
+# Attention (self- or cross-)
 
 
 class Attention(nnx.Module):
@@ -182,29 +147,6 @@ class Attention(nnx.Module):
         names = ("batch", "length", "act_heads", None)
         q, k, v = (constrain(p(a), names) for p, a in ((self.to_q, x_BTD), (self.to_k, ctx), (self.to_v, ctx)))
         return self.to_out(dot_product_attention(q, k, v, None))
-
-
-class Downsample(nnx.Module):
-    """Stride-2 3x3 conv; padding 0 means torch's asymmetric (0, 1) pad first, as the VAE encoder uses."""
-
-    def __init__(self, channels: int, padding: int = 1, *, rngs: nnx.Rngs, **kw):
-        self.conv = Conv(channels, channels, 3, stride=2, padding=padding, rngs=rngs, **kw)
-        self.pad = padding == 0
-
-    def __call__(self, x_NHWC):
-        if self.pad:
-            x_NHWC = jnp.pad(x_NHWC, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return self.conv(x_NHWC)
-
-
-class Upsample(nnx.Module):
-    """Nearest-neighbour x2 then a 3x3 conv."""
-
-    def __init__(self, channels: int, *, rngs: nnx.Rngs, **kw):
-        self.conv = Conv(channels, channels, 3, padding=1, rngs=rngs, **kw)
-
-    def __call__(self, x_NHWC):
-        return self.conv(jnp.repeat(jnp.repeat(x_NHWC, 2, axis=1), 2, axis=2))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,7 +179,7 @@ class Transformer2D(nnx.Module):
     residual."""
 
     def __init__(self, channels: int, heads: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
-        kw = _kw(cfg)
+        kw = dtype_kw(cfg)
         head_dim = channels // heads
         inner = heads * head_dim
         self.norm = GroupNorm(cfg.norm_num_groups, channels, 1e-6, **kw)
@@ -268,7 +210,7 @@ class DownBlock(nnx.Module):
     """CrossAttnDownBlock2D (with `attentions`) or DownBlock2D; returns (x, the skip activations it adds)."""
 
     def __init__(self, cfg: UNetConfig, i: int, c_in: int, temb: int, *, rngs: nnx.Rngs):
-        c_out, kw = cfg.block_out_channels[i], _kw(cfg)
+        c_out, kw = cfg.block_out_channels[i], dtype_kw(cfg)
         res = dict(temb=temb, groups=cfg.norm_num_groups, eps=cfg.norm_eps, act=cfg.act_fn, rngs=rngs, **kw)
         n = cfg.layers_per_block
         self.resnets = nnx.List([ResnetBlock(c_in if j == 0 else c_out, c_out, **res) for j in range(n)])
@@ -288,7 +230,7 @@ class DownBlock(nnx.Module):
         if self.downsample is not None:
             x_NHWC = self.downsample(x_NHWC)
             skips.append(x_NHWC)
-        return _images(x_NHWC), tuple(skips)
+        return constrain_images(x_NHWC), tuple(skips)
 
 
 class MidBlock(nnx.Module):
@@ -297,13 +239,13 @@ class MidBlock(nnx.Module):
     def __init__(self, cfg: UNetConfig, temb: int, *, rngs: nnx.Rngs):
         c = cfg.block_out_channels[-1]
         res = dict(temb=temb, groups=cfg.norm_num_groups, eps=cfg.norm_eps, act=cfg.act_fn,
-                   output_scale=cfg.mid_block_scale_factor, rngs=rngs, **_kw(cfg))
+                   output_scale=cfg.mid_block_scale_factor, rngs=rngs, **dtype_kw(cfg))
         self.resnets = nnx.List([ResnetBlock(c, c, **res), ResnetBlock(c, c, **res)])
         self.attentions = nnx.List([Transformer2D(c, cfg.heads[-1], cfg, rngs=rngs)])
 
     def __call__(self, x_NHWC, temb_BE, context_BSD):
         x_NHWC = self.attentions[0](self.resnets[0](x_NHWC, temb_BE), context_BSD)
-        return _images(self.resnets[1](x_NHWC, temb_BE))
+        return constrain_images(self.resnets[1](x_NHWC, temb_BE))
 
 
 class UpBlock(nnx.Module):
@@ -311,7 +253,7 @@ class UpBlock(nnx.Module):
 
     def __init__(self, cfg: UNetConfig, i: int, c_prev: int, temb: int, *, rngs: nnx.Rngs):
         rev = cfg.block_out_channels[::-1]
-        c_out, c_skip, kw = rev[i], rev[min(i + 1, len(rev) - 1)], _kw(cfg)
+        c_out, c_skip, kw = rev[i], rev[min(i + 1, len(rev) - 1)], dtype_kw(cfg)
         res = dict(temb=temb, groups=cfg.norm_num_groups, eps=cfg.norm_eps, act=cfg.act_fn, rngs=rngs, **kw)
         n = cfg.layers_per_block + 1
         self.resnets = nnx.List([ResnetBlock((c_prev if j == 0 else c_out) + (c_skip if j == n - 1 else c_out),
@@ -328,7 +270,7 @@ class UpBlock(nnx.Module):
                 x_NHWC = self.attentions[j](x_NHWC, context_BSD)
         if self.upsample is not None:
             x_NHWC = self.upsample(x_NHWC)
-        return _images(x_NHWC)
+        return constrain_images(x_NHWC)
 
 
 def timestep_embedding(t_B: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float,
@@ -363,7 +305,7 @@ def _run(block: nnx.Module, policy: str, *args):
 class UNet(nnx.Module):
     def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        kw, ch = _kw(cfg), cfg.block_out_channels
+        kw, ch = dtype_kw(cfg), cfg.block_out_channels
         temb = 4 * ch[0]
         self.conv_in = Conv(cfg.in_channels, ch[0], cfg.conv_in_kernel, padding=(cfg.conv_in_kernel - 1) // 2,
                             rngs=rngs, **kw)
@@ -391,7 +333,7 @@ class UNet(nnx.Module):
         temb = self.time_embedding(t_emb.astype(dtype))
         ctx = constrain(encoder_hidden_states_BSD.astype(dtype), ("batch", "length", "act_embed"))
 
-        x = _images(self.conv_in(x))
+        x = constrain_images(self.conv_in(x))
         skips = [x]
         for block in self.down_blocks:
             x, new = _run(block, cfg.remat, x, temb, ctx)

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from genllava_jax.layers import ACTIVATIONS, Conv, GroupNorm
-from genllava_jax.models.unet import Attention, Downsample, ResnetBlock, Upsample, _images, _kw, _tuple
+from genllava_jax.models.sd_blocks import Downsample, ResnetBlock, Upsample, as_tuple, constrain_images, dtype_kw
+from genllava_jax.models.unet import Attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,7 @@ class VAEConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _tuple(getattr(self, f.name)))
+            object.__setattr__(self, f.name, as_tuple(getattr(self, f.name)))
 
     def replace(self, **kw) -> "VAEConfig":
         return dataclasses.replace(self, **kw)
@@ -97,7 +98,7 @@ class MidBlock(nnx.Module):
     """UNetMidBlock2D without time embedding: resnet, attention, resnet."""
 
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
-        c, kw = cfg.block_out_channels[-1], _kw(cfg)
+        c, kw = cfg.block_out_channels[-1], dtype_kw(cfg)
         res = dict(temb=None, groups=cfg.norm_num_groups, eps=1e-6, act=cfg.act_fn, rngs=rngs, **kw)
         self.resnets = nnx.List([ResnetBlock(c, c, **res), ResnetBlock(c, c, **res)])
         self.attentions = nnx.List([SpatialAttention(c, cfg.norm_num_groups, rngs=rngs, **kw)]) \
@@ -114,7 +115,7 @@ class ResnetStack(nnx.Module):
     """DownEncoderBlock2D (resnets, then a padding-0 downsample) or UpDecoderBlock2D (resnets, then upsample)."""
 
     def __init__(self, cfg: VAEConfig, c_in: int, c_out: int, n: int, resample: str | None, *, rngs: nnx.Rngs):
-        kw = _kw(cfg)
+        kw = dtype_kw(cfg)
         res = dict(temb=None, groups=cfg.norm_num_groups, eps=1e-6, act=cfg.act_fn, rngs=rngs, **kw)
         self.resnets = nnx.List([ResnetBlock(c_in if j == 0 else c_out, c_out, **res) for j in range(n)])
         self.downsample = Downsample(c_out, 0, rngs=rngs, **kw) if resample == "down" else None
@@ -127,12 +128,12 @@ class ResnetStack(nnx.Module):
             x_NHWC = self.downsample(x_NHWC)
         if self.upsample is not None:
             x_NHWC = self.upsample(x_NHWC)
-        return _images(x_NHWC)
+        return constrain_images(x_NHWC)
 
 
 class Encoder(nnx.Module):
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
-        ch, kw, n = cfg.block_out_channels, _kw(cfg), len(cfg.block_out_channels)
+        ch, kw, n = cfg.block_out_channels, dtype_kw(cfg), len(cfg.block_out_channels)
         self.conv_in = Conv(cfg.in_channels, ch[0], 3, padding=1, rngs=rngs, **kw)
         self.down_blocks = nnx.List([ResnetStack(cfg, ch[max(i - 1, 0)], ch[i], cfg.layers_per_block,
                                                  "down" if i < n - 1 else None, rngs=rngs) for i in range(n)])
@@ -150,7 +151,7 @@ class Encoder(nnx.Module):
 
 class Decoder(nnx.Module):
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
-        rev, kw, n = cfg.block_out_channels[::-1], _kw(cfg), len(cfg.block_out_channels)
+        rev, kw, n = cfg.block_out_channels[::-1], dtype_kw(cfg), len(cfg.block_out_channels)
         self.conv_in = Conv(cfg.latent_channels, rev[0], 3, padding=1, rngs=rngs, **kw)
         self.mid_block = MidBlock(cfg, rngs=rngs)
         self.up_blocks = nnx.List([ResnetStack(cfg, rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1,
@@ -169,7 +170,7 @@ class Decoder(nnx.Module):
 class AutoencoderKL(nnx.Module):
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        kw, L = _kw(cfg), cfg.latent_channels
+        kw, L = dtype_kw(cfg), cfg.latent_channels
         self.encoder = Encoder(cfg, rngs=rngs)
         self.decoder = Decoder(cfg, rngs=rngs)
         self.quant_conv = Conv(2 * L, 2 * L, 1, rngs=rngs, **kw) if cfg.use_quant_conv else None

@@ -1,0 +1,60 @@
+"""The micro GenLLaVA that the joint tests share (configs/tiny.py shrunk further, so the joint step compiles in
+seconds), and helpers around it. Its fixtures (`data_dir`, `built`) are in conftest.py."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+from absl import flags
+
+from genllava_jax import sharding as shd
+from genllava_jax.data.pipeline import make_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+flags.FLAGS.mark_as_parsed()  # grain reads absl flags
+
+
+def load_config_file(name: str):
+    """`get_config()` of configs/<name>.py, loaded by path as the train CLI does."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def micro_config(data_dir):
+    """configs/tiny.py shrunk further so that the joint step compiles in seconds."""
+    c = load_config_file("tiny")
+    c.data.update(path=str(data_dir / "train.jsonl"), tokenizer=str(data_dir / "tokenizer"), max_len=40,
+                  image_size=16, num_patches=4, target_image_size=16, num_img_tokens=4, read_threads=1)
+    m = c.model
+    m.vision.update(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, image_size=16, patch_size=8)
+    m.projector.update(vision_size=16, text_size=32)
+    m.llm.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    m.head.update(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, encoder_hidden_size=32,
+                  llm_hidden_size=32, num_query_tokens=4, out_dim=16)
+    m.unet.update(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16, heads=(2, 2))
+    m.vae.update(block_out_channels=(8, 8), norm_num_groups=4, sample_size=16)
+    m.diffusion_rows = 0
+    c.train.update(steps=6, batch_size=8, lr=3e-3, log_every=1, checkpoint_every=3, warmup_frac=0.2)
+    c.mesh = dict(data=1, fsdp=1, tensor=1)
+    return c
+
+
+def single_mesh():
+    return shd.make_mesh({"data": 1}, jax.devices()[:1])
+
+
+def fixed_batch(c, tokenizer, n=8):
+    it, _ = make_dataset(c.data, tokenizer, global_batch=n, seed=0)
+    return next(it)
+
+
+def metric_rows(workdir):
+    """The rows of a training run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def logged_losses(workdir):
+    return [r["loss"] for r in metric_rows(workdir) if "loss" in r]
