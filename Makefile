@@ -3,9 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench install
+.PHONY: test test-fast lint demo bench install
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned, so that nothing later resolves a CUDA build
@@ -23,11 +23,14 @@ $(ORACLE): $(STAMP)
 
 install: $(STAMP) $(ORACLE)
 
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
 # two workers: most of the suite's time is XLA compiling on one core; --dist loadfile keeps each test file (and its
 # module fixtures) on one worker. About 30 min on 2 cores (58 min of CPU).
 PYTEST = $(PY) -m pytest -q -n 2 --dist loadfile
 
-test: $(STAMP) $(ORACLE)
+test: $(STAMP) $(ORACLE) lint
 	$(PYTEST) tests
 
 test-fast: $(STAMP) $(ORACLE)

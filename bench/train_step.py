@@ -145,12 +145,12 @@ def main():
     best_peak = max(peak.values())
 
     command = f"python bench/train_step.py --steps {a.steps} --batch {a.batch}"
-    l = cfg.llm
+    llm = cfg.llm
     header = ["model, batch", "ours s/step", "torch s/step", "ratio (torch/ours)", "first loss ours / torch",
               f"loss after {a.steps + 1} steps ours / torch", "GFLOP/step", "achieved GFLOP/s ours / torch",
               "fraction of matmul peak ours / torch", "our compile s"]
     row = [f"configs/tiny.py (SigLIP {cfg.vision.num_layers}L×{cfg.vision.hidden_size}, Mistral "
-           f"{l.num_layers}L×{l.hidden_size}, Q-former {cfg.head.num_layers}L, UNet {cfg.unet.block_out_channels}, "
+           f"{llm.num_layers}L×{llm.hidden_size}, Q-former {cfg.head.num_layers}L, UNet {cfg.unet.block_out_channels}, "
            f"diffusion rows {cfg.diffusion_rows}×{cfg.diffusion_repeats}), batch {a.batch} × {c.data.max_len} "
            f"tokens, {len(jax.devices())} device(s), torch {threads} thread(s)",
            f"{ours_s:.3f}", f"{theirs_s:.3f}", f"{theirs_s / ours_s:.2f}×",

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     if not (Path(src).is_dir() or bare_file):
         raise errors.MissingFile(f"--{'from-hf' if a.from_hf else 'to-hf'} {src}: no such folder")
 
-    conv = importlib.import_module(f"convert.{a.part}")
+    conv = importlib.import_module(f".{a.part}", __package__)
     if a.from_hf:
         overrides = {"param_dtype": a.dtype} if a.dtype else {}
         module = conv.from_hf(a.from_hf, **overrides)

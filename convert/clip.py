@@ -22,9 +22,10 @@ from pathlib import Path
 
 from flax import nnx
 
-from convert.common import CONV, COPY, FLAT, LINEAR, ConversionError, Linear, Rule, TensorReader, export_hf, \
-    hf_tensors, load_state
 from genllava_jax.models.clip import CLIP, CLIPConfig
+
+from .common import CONV, COPY, FLAT, LINEAR, ConversionError, Linear, Rule, TensorReader, export_hf, \
+    hf_tensors, load_state
 
 ANCHORS = {"text": "embeddings.token_embedding.weight", "vision": "embeddings.patch_embedding.weight"}
 TOWER_PREFIX = {"text": "text_model.", "vision": "vision_model."}

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from flax import nnx
 
-from convert.common import CONV, COPY, FLAT, LINEAR, Linear, Rule, TensorReader, export_hf, find_prefix, \
-    hf_tensors, load_state, with_prefix
 from genllava_jax.models.dino import DinoViT, ViTConfig
+
+from .common import CONV, COPY, FLAT, LINEAR, Linear, Rule, TensorReader, export_hf, find_prefix, \
+    hf_tensors, load_state, with_prefix
 
 ANCHOR = "embeddings.cls_token"
 L = "encoder.layer.{i}."

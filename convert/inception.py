@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from flax import nnx
 
-from convert.common import CONV, Rule, TensorReader, export_hf, hf_tensors, load_state
 from genllava_jax import layers
 from genllava_jax.models.inception import BatchNorm, FIDInception, InceptionConfig
+
+from .common import CONV, Rule, TensorReader, export_hf, hf_tensors, load_state
 
 BN_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from flax import nnx
 
-from convert.common import COPY, LINEAR, Linear, Rule, TensorReader, export_hf, hf_tensors, load_state
 from genllava_jax.models.mistral import Mistral, MistralConfig
+
+from .common import COPY, LINEAR, Linear, Rule, TensorReader, export_hf, hf_tensors, load_state
 
 L = "model.layers.{i}."
 RULES = (

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from flax import nnx
 
-from convert.common import COPY, LINEAR, Rule, TensorReader, export_hf, hf_tensors, load_state, with_prefix
 from genllava_jax.models.projector import Projector, ProjectorConfig
+
+from .common import COPY, LINEAR, Rule, TensorReader, export_hf, hf_tensors, load_state, with_prefix
 
 PREFIX = "model.mm_projector."
 RULES = tuple(Rule(f"{i}.{w}", f"{fc}/{o}", t) for i, fc in ((0, "fc1"), (2, "fc2"))

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from flax import nnx
 
-from convert.common import COPY, FLAT, LINEAR, Linear, Rule, TensorReader, export_hf, hf_tensors, load_state
 from genllava_jax.models.qformer import QFormer, QFormerConfig, QFormerHead, QFormerHeadConfig
+
+from .common import COPY, FLAT, LINEAR, Linear, Rule, TensorReader, export_hf, hf_tensors, load_state
 
 _ATTN = (("attention.query", "q", LINEAR), ("attention.key", "k", LINEAR), ("attention.value", "v", LINEAR),
          ("output.dense", "o", Linear(n_in=2)))

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from flax import nnx
 
-from convert.common import CONV, COPY, FLAT, LINEAR, ConversionError, Linear, Rule, TensorReader, export_hf, \
-    find_prefix, hf_tensors, load_state, with_prefix
 from genllava_jax.models.siglip import SiglipVision, SiglipVisionConfig
+
+from .common import CONV, COPY, FLAT, LINEAR, ConversionError, Linear, Rule, TensorReader, export_hf, \
+    find_prefix, hf_tensors, load_state, with_prefix
 
 ANCHOR = "embeddings.patch_embedding.weight"
 L, H = "encoder.layers.{i}.", "head."

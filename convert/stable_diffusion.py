@@ -21,10 +21,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from convert import clip as clip_conv, unet as unet_conv, vae as vae_conv
-from convert.common import ConversionError
 from genllava_jax import errors
 from genllava_jax.atomic import atomic_write
+
+from . import clip as clip_conv, unet as unet_conv, vae as vae_conv
+from .common import ConversionError
 
 NULL_CONDITIONING = "null_conditioning.npy"
 SCHEDULER_CONFIG = "scheduler_config.json"

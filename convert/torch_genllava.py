@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from convert import mistral, projector, qformer, siglip, unet, vae
 from genllava_jax.constants import IGNORE
+
+from . import mistral, projector, qformer, siglip, unet, vae
 
 
 def draws_of(cfg, rng, batch_size: int) -> dict[str, np.ndarray]:

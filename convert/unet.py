@@ -14,9 +14,10 @@ from pathlib import Path
 
 from flax import nnx
 
-from convert.common import COPY, CONV, FLAT, Linear, Rule, TensorReader, export_hf, hf_tensors, load_state
 from genllava_jax import errors, layers
 from genllava_jax.models.unet import UNet, UNetConfig
+
+from .common import COPY, CONV, FLAT, Linear, Rule, TensorReader, export_hf, hf_tensors, load_state
 
 PREFIX = "diffusion_pytorch_model"  # diffusers' weight file name
 # our path component -> diffusers' (torch keeps these in ModuleLists or a Sequential)

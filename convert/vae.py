@@ -14,9 +14,10 @@ import re
 
 from flax import nnx
 
-from convert.common import TensorReader, export_hf, hf_tensors, load_state
-from convert.unet import PREFIX, mirror_rules, model_dir
 from genllava_jax.models.vae import AutoencoderKL, VAEConfig
+
+from .common import TensorReader, export_hf, hf_tensors, load_state
+from .unet import PREFIX, mirror_rules, model_dir
 
 _LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LEGACY_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")

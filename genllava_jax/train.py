@@ -455,7 +455,8 @@ def main(argv):
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
-if __name__ == "__main__":
+def cli():
+    """`genllava-train` / `python -m genllava_jax.train`: --config, --workdir and the distributed flags."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -465,3 +466,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, TensorBoard")
     flags.mark_flags_as_required(["config", "workdir"])
     errors.run(main)
+
+
+if __name__ == "__main__":
+    cli()

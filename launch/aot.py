@@ -37,7 +37,8 @@ from jax.sharding import NamedSharding  # noqa: E402
 from genllava_jax import errors  # noqa: E402
 from genllava_jax import sharding as shd  # noqa: E402
 from genllava_jax import train  # noqa: E402
-from launch import flops  # noqa: E402
+
+from . import flops  # noqa: E402
 
 GiB = 2 ** 30
 _F = (False, False, False)

@@ -51,7 +51,7 @@ def commands(*, name: str, zone: str, accelerator_type: str, version: str, confi
         return tpu + ["ssh", name, "--worker=all", *where, f"--command={command}"]
 
     install = (f"set -e; mkdir -p {REMOTE_DIR} && tar -xzf ~/{ARCHIVE} -C {REMOTE_DIR} && cd {REMOTE_DIR} && "
-               'python3 -m pip install -q -e ".[tpu]" tensorboardX')
+               'python3 -m pip install -q -e ".[tpu]"')
     if bucket:
         install += (f" && mkdir -p ~/bucket && (mountpoint -q ~/bucket || "
                     f"gcsfuse --implicit-dirs {shlex.quote(bucket)} ~/bucket)")
@@ -94,7 +94,7 @@ def execute(cmds: list[list[str]], keep: bool) -> int:
 
 
 def main(argv=None) -> int:
-    from launch.slurm import parse_env
+    from .slurm import parse_env
 
     argv = sys.argv[1:] if argv is None else argv
     argv, train_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])

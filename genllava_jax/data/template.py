@@ -57,5 +57,6 @@ def _user_turn(tokenizer, ids: SpecialIds, user: str, task: str | None, num_patc
 def encode_prompt(tokenizer, ids: SpecialIds, history: list[tuple[str, str]], user: str, *, task: str,
                   num_patches: int) -> list[int]:
     """input_ids of the finished turns in `history` plus a new user turn: what the assistant answers next."""
-    input_ids = encode_conversation(tokenizer, ids, history, task=task, num_patches=num_patches)[0] if history else [ids.bos]
+    input_ids = (encode_conversation(tokenizer, ids, history, task=task, num_patches=num_patches)[0] if history
+                 else [ids.bos])
     return input_ids + _user_turn(tokenizer, ids, user, None if history else task, num_patches)
