@@ -164,7 +164,7 @@ def _pad(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 def main(argv=None):
-    from absl import app, flags
+    from absl import flags
 
     flags.DEFINE_string("sd", None, "a converted (python -m convert.stable_diffusion) or diffusers SD folder")
     flags.DEFINE_multi_string("prompt", [], "what to draw; repeat for a batch (files get _0, _1, ... suffixes)")
