@@ -15,24 +15,18 @@ Parameters are kept in float32 and computed in bfloat16; Mistral and SigLIP are 
 fully sharded (fsdp) over all chips. `python -m launch.aot --config=configs/genllava_7b.py` checks the fit first.
 """
 
-import ml_collections
-
-from genllava_jax.data.pipeline import default_data_config
+from genllava_jax.config import base_config
 
 
 def get_config():
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    c = base_config()  # its train and sample defaults are this model's recipe (AdamW 2e-5, batch 128, ...)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
 
-    c.data = default_data_config()
     c.data.update(path="", tokenizer="", max_len=2048, image_size=384, num_patches=729, target_image_size=512,
                   num_img_tokens=16, worker_count=8)
 
-    c.data.eval_path = ""  # held-out GVIT file for train.eval_every / train.sample_every
-
     bf16 = dict(dtype="bfloat16", param_dtype="float32")
-    m = c.model = ml_collections.ConfigDict()
+    m = c.model
     m.vision = dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16, image_size=384,
                     patch_size=14, feature_layer=-2, remat="full", **bf16)
     m.projector = dict(vision_size=1152, text_size=4096, **bf16)
@@ -51,12 +45,4 @@ def get_config():
     # our-format checkpoints written by `python -m convert ...`; a .npy sets a single parameter
     c.init = dict(vision="ckpt/siglip", llm="ckpt/mistral", unet="ckpt/sd/unet", vae="ckpt/sd/vae",
                   null_cond="ckpt/sd/null_conditioning.npy")
-
-    c.train = ml_collections.ConfigDict(dict(
-        steps=10000, batch_size=128, accum=1, lr=2e-5, warmup_frac=0.03, final_lr_frac=0.0, weight_decay=0.1,
-        b1=0.9, b2=0.999, grad_clip=1.0,
-        trainable=("projector/.*", "llm/.*", "head/.*", "null_cond"),
-        log_every=10, checkpoint_every=500, keep_checkpoints=3, sample_every=0, eval_every=0, eval_batches=4,
-        max_skipped_steps=20))
-    c.sample = dict(num_steps=50, guidance_scale=7.5, sampler="ddim")
     return c

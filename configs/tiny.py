@@ -11,23 +11,18 @@ No pretrained SigLIP or Stable Diffusion exists on this machine, so unlike the 7
 the UNet are trained here too; the VAE is fitted first by the demo and frozen (init.vae).
 """
 
-import ml_collections
-
-from genllava_jax.data.pipeline import default_data_config
+from genllava_jax.config import base_config
 
 
 def get_config():
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    c = base_config()
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
 
-    c.data = default_data_config()
     c.data.update(path="runs/demo/data/train.jsonl", tokenizer="runs/demo/data/tokenizer", max_len=48,
-                  image_size=32, num_patches=16, target_image_size=16, num_img_tokens=8)
+                  image_size=32, num_patches=16, target_image_size=16, num_img_tokens=8,
+                  eval_path="runs/demo/data/eval.jsonl")
 
-    c.data.eval_path = "runs/demo/data/eval.jsonl"  # held-out GVIT file for train.eval_every / train.sample_every
-
-    m = c.model = ml_collections.ConfigDict()
+    m = c.model
     m.vision = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=32, patch_size=8,
                     feature_layer=-1)
     m.projector = dict(vision_size=64, text_size=128)
@@ -51,12 +46,9 @@ def get_config():
 
     c.init = dict(vae="")  # our-format checkpoints to start parts from (python -m convert ... / the demo's VAE fit)
 
-    c.train = ml_collections.ConfigDict(dict(
-        steps=1400, batch_size=32, accum=1, lr=1e-3, warmup_frac=0.03, final_lr_frac=0.05, weight_decay=0.0,
-        b1=0.9, b2=0.98, grad_clip=1.0,
-        trainable=("vision/.*", "projector/.*", "llm/.*", "head/.*", "unet/.*", "null_cond"),
-        log_every=50, checkpoint_every=500, keep_checkpoints=2, sample_every=0, eval_every=0, eval_batches=4,
-        max_skipped_steps=20))
+    c.train.update(steps=1400, batch_size=32, lr=1e-3, final_lr_frac=0.05, weight_decay=0.0, b2=0.98,
+                   trainable=("vision/.*", "projector/.*", "llm/.*", "head/.*", "unet/.*", "null_cond"),
+                   log_every=50, keep_checkpoints=2)
     # the vision tower and the UNet start from scratch here (pretrained in the 7B config): the tower learns kind and
     # place of a shape several times faster at 8x the rate; the UNet at 2x reaches in 1400 steps what took 1600
     c.train.lr_scales = (("vision/.*", 8.0), ("unet/.*", 2.0))

@@ -37,10 +37,10 @@ def make_optimizer(tc) -> optax.GradientTransformation:
     """AdamW with linear warm-up then cosine decay, and global-norm clipping (config `train`). `train.lr_scales`
     ((regex, factor), ...): the learning rate of the params whose path matches a regex (the first that does) times
     its factor, as LLaVA's separate projector / vision-tower learning rates."""
-    warmup = max(1, int(tc.warmup_frac * tc.steps)) if tc.get("warmup_steps") is None else tc.warmup_steps
+    warmup = max(1, int(tc.warmup_frac * tc.steps)) if tc.warmup_steps is None else tc.warmup_steps
     schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.steps, warmup + 1),
-                                                  end_value=tc.lr * tc.get("final_lr_frac", 0.0))
-    scales = [(re.compile(pattern), float(factor)) for pattern, factor in tc.get("lr_scales", ())]
+                                                  end_value=tc.lr * tc.final_lr_frac)
+    scales = [(re.compile(pattern), float(factor)) for pattern, factor in tc.lr_scales]
     chain = [optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip else optax.identity(),
              optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay)]
     if scales:  # scaling AdamW's update = scaling its learning rate (weight decay included, as torch param groups)
@@ -269,7 +269,7 @@ def build(c, mesh=None):
     cfg = model_config(c, tokenizer)
     mesh = shd.make_mesh(dict(c.mesh)) if mesh is None else mesh
     model = shd.create_sharded(lambda: GenLLaVA(cfg, rngs=nnx.Rngs(c.seed)), mesh)
-    init_parts(model, c.get("init", {}), mesh)
+    init_parts(model, c.init, mesh)
     return cfg, model, tokenizer, mesh
 
 
@@ -315,7 +315,7 @@ def run(c, workdir, *, mesh=None, stop_after: int | None = None) -> dict:
         log(f"resumed from step {ckpt_step} ({workdir / 'checkpoints'}); {int(state['skipped'])} steps skipped "
             f"so far; data {dict(info.counts.skipped) or 'all usable'}")
     step_fn = jit_train_step(s, tc.accum)
-    eval_fn = jit_eval_step(s) if tc.eval_every and c.data.get("eval_path") else None  # built once: compiled once
+    eval_fn = jit_eval_step(s) if tc.eval_every and c.data.eval_path else None  # built once: compiled once
     writer = MetricWriter(workdir)
     start = int(state["step"])
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
@@ -399,7 +399,7 @@ def save_samples(c, model, tokenizer, path) -> None:
     from genllava_jax.data.pipeline import make_dataset
 
     data_cfg = c.data.copy_and_resolve_references()
-    data_cfg.path = c.data.get("eval_path") or c.data.path
+    data_cfg.path = c.data.eval_path or c.data.path
     it, _ = make_dataset(data_cfg, tokenizer, global_batch=16, seed=c.seed, train=False, process_index=0,
                          process_count=1)
     batch = next(it)

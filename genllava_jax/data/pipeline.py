@@ -44,22 +44,10 @@ FIXES = ("truncated",)  # what is done to records that are kept but changed, cou
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        # A GVIT .json/.jsonl/.arrayrecord file, "a.jsonl:3,b.arrayrecord:1" (weighted mixture), or, set in a config
-        # file, a list of dict(path=..., weight=...).
-        path="",
-        tokenizer="",  # a local HF tokenizer directory (genllava_jax.data.tokenizer.load_tokenizer)
-        max_len=256,  # every sequence is padded or cut to this length
-        image_size=224,  # SigLIP input side
-        num_patches=256,  # <image> expands to this many positions: (image_size / patch_size) ** 2
-        target_image_size=256,  # VAE input side (target and source images)
-        num_img_tokens=16,  # [IMG0..N-1]
-        on_too_long="truncate",  # or "drop"; a cut that would split the image or [SOI]..[EOI] drops the record
-        max_image_pixels=2**25,  # larger images (width x height, read from the header) are skipped undecoded
-        image_root="",  # image paths must resolve inside this folder; "" = each data file's folder
-        worker_count=0,  # grain worker processes (0: decode in this process)
-        read_threads=2,  # threads decoding records ahead of the consumer
-    ))
+    """The `data` section's defaults (the one schema: genllava_jax.config)."""
+    from genllava_jax.config import data_config
+
+    return data_config()
 
 
 def sources(path) -> list[tuple[str, float]]:
