@@ -3,6 +3,7 @@ and configs as its subpackages (no generic top-level names) and console scripts 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -38,6 +39,18 @@ def _constraints(path: Path) -> Path:
     return path
 
 
+def _sources(dest: Path) -> Path:
+    """The checkout's files (tracked, and new ones git does not ignore) copied to `dest`: a build from the checkout
+    itself would reuse its build/ folder, where files deleted since stay."""
+    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, names):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
 @pytest.mark.slow
 def test_pip_install_without_extras_then_genllava_train_runs_the_tiny_config(tmp_path):
     from genllava_jax.data import synthetic
@@ -47,20 +60,22 @@ def test_pip_install_without_extras_then_genllava_train_runs_the_tiny_config(tmp
     bin_dir = env_dir / "bin"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS", "VIRTUAL_ENV")}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
-    install = subprocess.run([bin_dir / "pip", "install", "-q", str(ROOT), "-c", _constraints(tmp_path / "c.txt")],
+    src = _sources(tmp_path / "src")
+    install = subprocess.run([bin_dir / "pip", "install", "-q", str(src), "-c", _constraints(tmp_path / "c.txt")],
                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1200)
     assert install.returncode == 0, install.stderr[-3000:]
 
     # the installed package, not the checkout: run from elsewhere, without PYTHONPATH
     where = subprocess.run([bin_dir / "python", "-c", "import genllava_jax, genllava_jax.convert.mistral, "
-                            "genllava_jax.launch.flops, genllava_jax.configs, importlib.util as u; "
+                            "genllava_jax.launch.slurm, genllava_jax.configs, importlib.util as u; "
                             "print(genllava_jax.__file__); print([u.find_spec(n) for n in ('convert', 'launch', "
                             "'configs', 'torch')])"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert where.returncode == 0, where.stderr[-3000:]
     path, specs = where.stdout.splitlines()
     assert Path(path).is_relative_to(env_dir) and specs == "[None, None, None, None]"  # no torch: no extras
-    for script, flag in (("genllava-convert", "--from-hf"), ("genllava-sweep", "--benchmark")):
-        out = subprocess.run([bin_dir / script, "--help"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    for script, help_flag, flag in (("genllava-convert", "--help", "--from-hf"),
+                                    ("genllava-sweep", "--helpfull", "--benchmark")):
+        out = subprocess.run([bin_dir / script, help_flag], capture_output=True, text=True, env=env, cwd=tmp_path)
         assert flag in out.stdout + out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]  # absl: exit 1
 
     # make demo's data (its generator at the tiny config's sizes, fewer records), then 3 steps of configs/tiny.py
