@@ -93,7 +93,7 @@ def main():
     from convert.torch_genllava import TorchGenLLaVA, draws_of
     from genllava_jax import sharding, train
     from genllava_jax.data.pipeline import make_dataset
-    from launch.flops import program_flops
+    from genllava_jax.flops import program_flops
 
     load = os.getloadavg()
     tmp = Path(tempfile.mkdtemp())

@@ -54,7 +54,7 @@ def load_module(path, mesh=None, rules=None, **overrides) -> nnx.Module:
     abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
     graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
     shardings = shd.state_shardings(abs_params, mesh, rules)
-    target = restore_target(abs_params, shardings)
+    target = shd.with_shardings(abs_params, shardings)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(Path(path).absolute() / "params", target)
     return nnx.merge(graphdef, params, rest)
@@ -195,11 +195,6 @@ def restore_latest(mngr: ocp.CheckpointManager, state_target, frozen_target, dat
                              f"{mngr.directory.parent / 'corrupt_checkpoints'}; rerun to start from step 0, or "
                              f"move one back if it can be repaired")
     return None
-
-
-def restore_target(abstract, shardings):
-    """ShapeDtypeStructs of an abstract pytree, each carrying its sharding: what orbax restores into."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def partial_restore_args(target):

@@ -52,6 +52,7 @@ def train_config() -> ml_collections.ConfigDict:
         log_every=10, checkpoint_every=500, keep_checkpoints=3,
         sample_every=0, eval_every=0, eval_batches=4,  # 0: never
         max_skipped_steps=20,  # steps with a non-finite loss or gradient allowed before the run stops
+        profile_steps=(),  # (first, last): a jax.profiler trace of those steps (from 1) into <workdir>/profile
     ))
 
 
@@ -59,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.mesh = dict(data=1, fsdp=-1, tensor=1)  # one axis may be -1: the remaining devices
+    c.strict_sharding = False  # True: a mesh axis that does not divide a parameter it should split is an error
     c.data = data_config()
     c.model = ml_collections.ConfigDict()  # part -> overrides of its config dataclass, and GenLLaVAConfig fields
     c.init = ml_collections.ConfigDict()  # part -> our-format checkpoint (python -m convert ...) or a .npy

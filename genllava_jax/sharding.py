@@ -3,7 +3,9 @@
 Parameters and activations name their axes logically ("embed", "heads", "batch", ...); one rules table maps those
 names to the mesh axes ("data", "fsdp", "tensor"). A mesh axis that does not divide a dimension, or is already used
 by an earlier dimension of the same array, is dropped for that array (e.g. 8 KV heads on tensor=16 stay
-replicated) so every rule is valid for every model size.
+replicated) so every rule is valid for every model size. What was dropped is not silent: `sharding_report` tables
+each parameter group's spec, what stayed replicated over which axis and why, and bytes per device (the train CLI
+and the fit check print it); `strict=True` (config `strict_sharding`) makes a dropped axis an error.
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None,
-                    rules: Sequence[tuple[str, Any]] | None = None) -> P:
-    """PartitionSpec for logical axis names; with shape and mesh, drops axes that do not divide or repeat."""
+                    rules: Sequence[tuple[str, Any]] | None = None, dropped: list[str] | None = None) -> P:
+    """PartitionSpec for logical axis names; with shape and mesh, drops axes that do not divide or repeat. Each
+    mesh axis (of size > 1) dropped because it does not divide is described in `dropped`, when given."""
     table = dict(current_rules() if rules is None else rules)
     used: set[str] = set()
     out = []
@@ -101,7 +104,11 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = N
                 continue
             if mesh is not None and shape is not None:
                 size = mesh.shape[axis]
-                if size == 1 or shape[i] % (size * math.prod(mesh.shape[a] for a in kept)):
+                if size == 1:
+                    continue
+                if shape[i] % (size * math.prod(mesh.shape[a] for a in kept)):
+                    if dropped is not None:
+                        dropped.append(f"{axis}={size} does not divide {name}={shape[i]}")
                     continue
             kept.append(axis)
         used.update(kept)
@@ -113,23 +120,83 @@ def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def state_shardings(abstract_state, mesh: Mesh, rules=None):
-    """NamedShardings for an (abstract) nnx state, from each Variable's `out_sharding` logical names."""
+def state_shardings(abstract_state, mesh: Mesh, rules=None, strict: bool = False):
+    """NamedShardings for an (abstract) nnx state, from each Variable's `out_sharding` logical names. `strict`: a
+    mesh axis that does not divide a dimension it is ruled to shard is an error naming the parameter."""
+    problems = []
 
-    def one(v):
+    def one(path, v):
         names = v.get_metadata().get("out_sharding")
         shape = v.get_value().shape
-        spec = P() if not names else logical_to_spec(names, shape, mesh, rules)
+        dropped = []
+        spec = P() if not names else logical_to_spec(names, shape, mesh, rules, dropped)
+        problems.extend(f"{_name(path)} {tuple(shape)}: {d}" for d in dropped)
         return v.replace(NamedSharding(mesh, spec))
 
-    return jax.tree.map(one, abstract_state, is_leaf=_is_var)
+    out = jax.tree.map_with_path(one, abstract_state, is_leaf=_is_var)
+    if strict and problems:
+        raise errors.BadValue(f"strict_sharding: {len(problems)} parameters would be replicated over a mesh axis that "
+                              f"does not divide them: {'; '.join(problems[:8])}{' ...' if len(problems) > 8 else ''}. "
+                              f"Change the mesh, or set strict_sharding=False to replicate them")
+    return out
 
 
-def create_sharded(ctor: Callable[[], nnx.Module], mesh: Mesh, rules=None) -> nnx.Module:
+def _name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def sharding_report(abstract_state, mesh: Mesh, rules=None) -> tuple[str, list[str]]:
+    """(a table of each parameter group (part, logical axes, spec) with its arrays, bytes per device and what stayed
+    replicated and why; the dropped axes, one line each)."""
+    groups: dict[tuple, list] = {}
+    dropped_all = []
+    for path, v in nnx.to_flat_state(abstract_state):
+        names = v.get_metadata().get("out_sharding")
+        shape, dtype = v.get_value().shape, v.get_value().dtype
+        dropped = []
+        spec = P() if not names else logical_to_spec(names, shape, mesh, rules, dropped)
+        per_device = math.prod(NamedSharding(mesh, spec).shard_shape(shape)) * dtype.itemsize
+        g = groups.setdefault((str(path[0]), tuple(names or ()), spec), [0, 0, 0, set()])
+        g[0] += 1
+        g[1] += per_device
+        g[2] += math.prod(shape) * dtype.itemsize
+        g[3].update(dropped)
+        dropped_all += [f"{_name(path)} {tuple(shape)}: {d}" for d in dropped]
+    mesh_desc = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
+    lines = [f"parameter shardings on mesh {mesh_desc}:",
+             f"  {'part':10s} {'logical axes':42s} {'mesh spec':34s} {'arrays':>6s} {'per device':>10s} "
+             f"{'whole':>10s}  replicated over"]
+    for (part, names, spec), (n, dev, full, why) in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        lines.append(f"  {part:10s} {str(names):42s} {str(tuple(spec)):34s} {n:6d} {_bytes(dev):>10s} "
+                     f"{_bytes(full):>10s}  {'; '.join(sorted(why))}")
+    total = sum(g[1] for g in groups.values())
+    lines.append(f"  {len(dropped_all)} arrays keep a dimension unsplit over an axis that does not divide it; "
+                 f"{_bytes(total)} of parameters per device")
+    return "\n".join(lines), dropped_all
+
+
+def _bytes(n: float) -> str:
+    unit = next((u for u in ("GiB", "MiB", "KiB") if n >= 2 ** {"GiB": 30, "MiB": 20, "KiB": 10}[u]), "B")
+    return f"{n / 2 ** {'GiB': 30, 'MiB': 20, 'KiB': 10, 'B': 0}[unit]:.1f} {unit}"
+
+
+def with_shardings(abstract, shardings):
+    """ShapeDtypeStructs of an abstract pytree, each carrying its sharding: what orbax restores into and what an AOT
+    compile takes."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def batch_shardings(batch, mesh: Mesh):
+    """A batch's leading axis over ("batch" = data × fsdp), the rest replicated."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape,
+                                                                      mesh)), batch)
+
+
+def create_sharded(ctor: Callable[[], nnx.Module], mesh: Mesh, rules=None, strict: bool = False) -> nnx.Module:
     """Builds `ctor()` directly in its shardings: nothing full-size ever lives on one device."""
     abstract = nnx.eval_shape(ctor)
     graphdef, abs_state = nnx.split(abstract)
-    shardings = state_shardings(abs_state, mesh, rules)
+    shardings = state_shardings(abs_state, mesh, rules, strict)
 
     # runs once: XLA's backend optimisations only slow the compile of hundreds of RNG ops down (2-3x on CPU)
     init = jax.jit(lambda: nnx.state(ctor()), out_shardings=shardings).lower()

@@ -8,13 +8,18 @@ The model is split once into (graphdef, trainable params, frozen params, other s
 loss or gradient norm is not finite is skipped (state unchanged) and counted in the state, so the count survives a
 restart. The loop checks the config at start-up (`config_check`), stops cleanly on SIGTERM (a checkpoint at the
 next step boundary, `preemption`) and resumes from the newest checkpoint that reads back whole (`checkpoint`).
+The loop itself is short: the step, a metrics accumulator (`metrics.Accumulator`: window means, step-time
+percentiles) and the hooks that run between steps (`hooks`: preemption, the log with model FLOPs and MFU, the
+skipped-step limit, evaluation, samples, checkpoints, a profiler trace of `train.profile_steps`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import re
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -23,10 +28,15 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
-from genllava_jax import errors
-from genllava_jax import sharding as shd
+from genllava_jax import checkpoint, config_check, errors, flops, hooks, sharding as shd
+from genllava_jax.data.pipeline import global_counts, make_dataset
+from genllava_jax.data.tokenizer import SpecialIds, load_tokenizer
+from genllava_jax.metrics import Accumulator, MetricWriter
+from genllava_jax.models.genllava import GenLLaVA, GenLLaVAConfig
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,12 +134,8 @@ def setup(model: nnx.Module, tc, mesh, seed: int = 0):
     state_sh = state_shardings(params, tx, mesh)
     state = jax.jit(functools.partial(init_state, tx=tx, seed=seed), out_shardings=state_sh)(params)
 
-    def batch_sharding(batch):
-        return jax.tree.map(lambda x: NamedSharding(mesh, shd.logical_to_spec(
-            ("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)), batch)
-
-    return state, Setup(graphdef, frozen, rest, state_sh, shd.state_shardings(frozen, mesh), batch_sharding, tx,
-                        schedule, mesh)
+    return state, Setup(graphdef, frozen, rest, state_sh, shd.state_shardings(frozen, mesh),
+                        functools.partial(shd.batch_shardings, mesh=mesh), tx, schedule, mesh)
 
 
 def to_global(batch: dict, s: Setup) -> dict:
@@ -207,9 +213,6 @@ def merged_model(state, s: Setup) -> nnx.Module:
 
 def model_config(c, tokenizer):
     """GenLLaVAConfig from the config file's `model` section, with the tokenizer's vocabulary and special ids."""
-    from genllava_jax.data.tokenizer import SpecialIds
-    from genllava_jax.models.genllava import GenLLaVAConfig
-
     ids = SpecialIds.of(tokenizer, c.data.num_img_tokens)
     d = c.model.to_dict()
     d["llm"] = {**d["llm"], "vocab_size": max(d["llm"].get("vocab_size") or 0, len(tokenizer)),
@@ -225,8 +228,6 @@ def model_config(c, tokenizer):
 
 def init_parts(model, init_cfg, mesh) -> None:
     """Overwrites parts of `model` with our-format checkpoints named in config `init` (part -> path)."""
-    from genllava_jax import checkpoint
-
     for part, path in init_cfg.items():
         if not path:
             continue
@@ -262,13 +263,10 @@ def init_parts(model, init_cfg, mesh) -> None:
 
 def build(c, mesh=None):
     """(model config, sharded model with `init` parts loaded, tokenizer, mesh) from a config file's ConfigDict."""
-    from genllava_jax.data.tokenizer import load_tokenizer
-    from genllava_jax.models.genllava import GenLLaVA
-
     tokenizer = load_tokenizer(c.data.tokenizer, c.data.num_img_tokens)
     cfg = model_config(c, tokenizer)
     mesh = shd.make_mesh(dict(c.mesh)) if mesh is None else mesh
-    model = shd.create_sharded(lambda: GenLLaVA(cfg, rngs=nnx.Rngs(c.seed)), mesh)
+    model = shd.create_sharded(lambda: GenLLaVA(cfg, rngs=nnx.Rngs(c.seed)), mesh, strict=c.strict_sharding)
     init_parts(model, c.init, mesh)
     return cfg, model, tokenizer, mesh
 
@@ -279,30 +277,20 @@ def run(c, workdir, *, mesh=None, stop_after: int | None = None) -> dict:
     SIGTERM (preemption) saves a checkpoint at the next step boundary and returns; rerunning resumes. `stop_after`
     ends the loop early after that many steps of this call (tests use it to simulate a crash).
     """
-    import json
-    import time
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from genllava_jax import checkpoint, config_check
-    from genllava_jax.data.pipeline import global_counts, make_dataset
-    from genllava_jax.metrics import MetricWriter
-    from genllava_jax.preemption import Preemption
-
     config_check.validate(c)
-    workdir = Path(workdir)
-    tc = c.train
+    workdir, tc = Path(workdir), c.train
     if tc.batch_size % (tc.accum * jax.process_count()):
         raise errors.BadValue(f"train.batch_size={tc.batch_size} must divide by train.accum={tc.accum} × "
                               f"{jax.process_count()} processes")
     mesh = shd.make_mesh(dict(c.mesh)) if mesh is None else mesh
     config_check.check_batch(tc, mesh)
     cfg, model, tokenizer, mesh = build(c, mesh)
+    log = (lambda msg: print(msg, flush=True)) if jax.process_index() == 0 else (lambda msg: None)
+    log(shd.sharding_report(nnx.state(model, nnx.Param), mesh)[0])
     state, s = setup(model, tc, mesh, c.seed)
+    step_flops = flops.train_step_flops(model, cfg, c, {path[0] for path, _ in nnx.to_flat_state(state["params"])})
     del model
     data, info = make_dataset(c.data, tokenizer, global_batch=tc.batch_size, seed=c.seed)
-    log = (lambda msg: print(msg, flush=True)) if jax.process_index() == 0 else (lambda msg: None)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
@@ -319,70 +307,73 @@ def run(c, workdir, *, mesh=None, stop_after: int | None = None) -> dict:
     writer = MetricWriter(workdir)
     start = int(state["step"])
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
-    num_records = sum(info.num_records.values())  # all sources, all processes
-    epoch = global_counts(info.counts).read // num_records
-    row, t_last, acc = {}, time.time(), None
+    progress = DataProgress(info, log)
+    logger = hooks.Log(tc.log_every, Accumulator(), writer, progress.metrics, step_flops,
+                       (flops.peak_flops(jax.devices()[0]) or 0) * jax.device_count())
+    loop = [
+        hooks.Preempt(),  # first: the others see whether this step is the last
+        logger,
+        hooks.SkipLimit(tc.max_skipped_steps, tc.log_every, mngr.latest_step),
+        hooks.Every(tc.eval_every if eval_fn else 0, lambda t: writer.write(
+            t.step, evaluate_loss(c, t.state, s, tokenizer, eval_fn), prefix="eval/")),
+        hooks.Every(tc.sample_every, lambda t: save_samples(  # every host samples: the model spans them
+            c, merged_model(t.state, s), tokenizer, workdir / "samples" / f"step_{t.step:07d}.png")),
+        hooks.Checkpoint(lambda step, state, force: checkpoint.save_train(mngr, step, state, s.frozen, data, force),
+                         tc.steps),
+        hooks.Profile(tc.profile_steps, workdir / "profile", log),
+    ]
     try:
-        with jax.set_mesh(mesh), Preemption() as preempted:
+        with jax.set_mesh(mesh):
+            for hook in loop:
+                hook.begin(start)
             for step in tqdm(range(start, end), initial=start, total=tc.steps, desc="train",
                              disable=jax.process_index() != 0):
-                batch = to_global(next(data), s)
-                state, metrics = step_fn(state, s.frozen, batch)
-                acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
-                done = step + 1
-                stop = preempted(done)  # every host asks, every step: they all stop at the same one
-                if done % tc.log_every == 0 or done == end or stop:
-                    host = jax.device_get(acc)
-                    count = done - max(start, (done - 1) // tc.log_every * tc.log_every)
-                    dt = time.time() - t_last
-                    avg = {k: float(v) / count for k, v in host.items() if k not in ("tokens", "images", "skipped")}
-                    skipped_total = int(state["skipped"])  # in the state: counted across restarts
-                    counts = global_counts(info.counts)
-                    row = writer.write(done, {
-                        **avg, "skipped_steps": skipped_total, "tokens_per_s": float(host["tokens"]) / dt,
-                        "images_per_s": float(host["images"]) / dt, "data_epoch": counts.read / num_records,
-                        "data_truncated": counts.fixed["truncated"],
-                        **{f"data_skipped/{k}": v for k, v in sorted(counts.skipped.items())}})
-                    if skipped_total > tc.max_skipped_steps:
-                        raise errors.Diverged(
-                            f"{skipped_total} steps had a non-finite loss or gradient (limit train."
-                            f"max_skipped_steps={tc.max_skipped_steps}); stopping at step {done}. Parameters were "
-                            f"never updated with non-finite values; the newest checkpoint is step "
-                            f"{mngr.latest_step()}. Lower train.lr, check the data, or raise the limit.")
-                    if counts.read // num_records > epoch:
-                        epoch = counts.read // num_records
-                        log(f"data epoch {epoch} done at step {done}: {counts.read} records read, skipped "
-                            f"{dict(counts.skipped) or 'none'}, truncated {counts.fixed['truncated']}")
-                    acc, t_last = None, time.time()
-                if eval_fn is not None and done % tc.eval_every == 0:
-                    writer.write(done, evaluate_loss(c, state, s, tokenizer, eval_fn), prefix="eval/")
-                if tc.sample_every and done % tc.sample_every == 0:  # every host samples: the model spans them
-                    save_samples(c, merged_model(state, s), tokenizer, workdir / "samples" / f"step_{done:07d}.png")
-                checkpoint.save_train(mngr, done, state, s.frozen, data, force=done == tc.steps or stop)
-                if stop:
-                    log(f"preempted (SIGTERM): saving the checkpoint of step {done} and exiting; run the same "
+                state, metrics = step_fn(state, s.frozen, to_global(next(data), s))
+                logger.acc.add(metrics)
+                tick = hooks.Tick(step + 1, state, end=step + 1 == end)
+                for hook in loop:
+                    hook(tick)
+                if tick.stop:
+                    log(f"preempted (SIGTERM): saving the checkpoint of step {tick.step} and exiting; run the same "
                         f"command again to resume")
                     break
     finally:  # an error still lets a save in flight finish
+        for hook in reversed(loop):
+            hook.close()
         mngr.wait_until_finished()
         mngr.close()
         writer.close()
-    return row
+    return logger.rows[-1]
+
+
+class DataProgress:
+    """The data counts of every process for the log (a collective), and a message when a data epoch ends."""
+
+    def __init__(self, info, log):
+        self.info, self.log = info, log
+        self.num_records = sum(info.num_records.values())  # all sources, all processes
+        self.epoch = global_counts(info.counts).read // self.num_records
+
+    def metrics(self, t: hooks.Tick) -> dict:
+        counts = global_counts(self.info.counts)
+        if counts.read // self.num_records > self.epoch:
+            self.epoch = counts.read // self.num_records
+            self.log(f"data epoch {self.epoch} done at step {t.step}: {counts.read} records read, skipped "
+                     f"{dict(counts.skipped) or 'none'}, truncated {counts.fixed['truncated']}")
+        return {"skipped_steps": int(t.state["skipped"]),  # in the state: counted across restarts
+                "data_epoch": counts.read / self.num_records, "data_truncated": counts.fixed["truncated"],
+                **{f"data_skipped/{k}": v for k, v in sorted(counts.skipped.items())}}
 
 
 def evaluate_loss(c, state, s: Setup, tokenizer, eval_fn=None) -> dict:
     """Mean eval-step metrics over `train.eval_batches` batches of `data.eval_path` (one pass, file order).
     `eval_fn`: a `jit_eval_step(s)` to reuse (a new one compiles again)."""
-    from genllava_jax.data.pipeline import make_dataset
-
     data_cfg = c.data.copy_and_resolve_references()
     data_cfg.path = c.data.eval_path
     it, _ = make_dataset(data_cfg, tokenizer, global_batch=c.train.batch_size, seed=c.seed, train=False)
     batches = [b for _, b in zip(range(c.train.eval_batches), it)]
     n = len(batches)
     if jax.process_count() > 1:  # every host must run every step: as many batches as the shortest share holds
-        from jax.experimental import multihost_utils
-
         n = int(np.min(multihost_utils.process_allgather(np.int32(n))))
     eval_fn, out = eval_fn or jit_eval_step(s), None
     for batch in batches[:n]:
@@ -395,8 +386,7 @@ def save_samples(c, model, tokenizer, path) -> None:
     """A PNG grid of images generated for the first rows with a target image in `data.eval_path` (or the train set)."""
     from PIL import Image
 
-    from genllava_jax import infer
-    from genllava_jax.data.pipeline import make_dataset
+    from genllava_jax import infer  # the decoder and sampler: only when sampling
 
     data_cfg = c.data.copy_and_resolve_references()
     data_cfg.path = c.data.eval_path or c.data.path
@@ -419,12 +409,6 @@ def save_samples(c, model, tokenizer, path) -> None:
 def load_trained(workdir, mesh=None):
     """(GenLLaVA with the newest checkpoint's weights, GenLLaVAConfig) from a training workdir. Reads the params
     only: not the optimizer moments (twice the trainable weights again)."""
-    import json
-    from pathlib import Path
-
-    from genllava_jax import checkpoint
-    from genllava_jax.models.genllava import GenLLaVA, GenLLaVAConfig
-
     workdir = Path(workdir)
     cfg = GenLLaVAConfig.from_dict(json.loads((workdir / "model_config.json").read_text()))
     mesh = shd.make_mesh({"data": 1}, jax.local_devices()[:1]) if mesh is None else mesh
@@ -437,9 +421,8 @@ def load_trained(workdir, mesh=None):
         raise errors.MissingFile(f"{workdir / 'checkpoints'}: no checkpoint")
     args = checkpoint.ocp.args.Composite(
         state=checkpoint.partial_restore_args(
-            {"params": checkpoint.restore_target(params, shd.state_shardings(params, mesh))}),
-        frozen=checkpoint.ocp.args.StandardRestore(
-            checkpoint.restore_target(frozen, shd.state_shardings(frozen, mesh))))
+            {"params": shd.with_shardings(params, shd.state_shardings(params, mesh))}),
+        frozen=checkpoint.ocp.args.StandardRestore(shd.with_shardings(frozen, shd.state_shardings(frozen, mesh))))
     out = mngr.restore(step, args=args)
     mngr.close()
     return nnx.merge(graphdef, out["state"]["params"], out["frozen"], rest), cfg
@@ -460,7 +443,7 @@ def cli():
     from absl import flags
     from ml_collections import config_flags
 
-    from genllava_jax import distributed, errors  # noqa: F401  distributed defines --distributed, ...
+    from genllava_jax import distributed  # noqa: F401  defines --distributed, --coordinator_address, ...
 
     config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
     flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, TensorBoard")

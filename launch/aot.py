@@ -34,11 +34,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from genllava_jax import errors  # noqa: E402
+from genllava_jax import errors, flops, train  # noqa: E402
 from genllava_jax import sharding as shd  # noqa: E402
-from genllava_jax import train  # noqa: E402
-
-from . import flops  # noqa: E402
 
 GiB = 2 ** 30
 _F = (False, False, False)
@@ -118,10 +115,6 @@ def tokenizer_for(c):
     return StandInTokenizer(c.model.llm.vocab_size, c.data.num_img_tokens)
 
 
-def with_sharding(abstract, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
 def abstract_setup(c, mesh):
     """(abstract train state, train.Setup with abstract frozen params, GenLLaVAConfig, abstract model): what
     `train.setup` builds, from `nnx.eval_shape` instead of initialised weights."""
@@ -137,16 +130,13 @@ def abstract_setup(c, mesh):
         raise ValueError(f"the model has non-parameter state {list(nnx.to_flat_state(rest).keys())[:5]}: the fit "
                          f"check cannot make it abstract")
     tx, schedule = train.make_optimizer(tc)
+    shd.state_shardings(nnx.state(model, nnx.Param), mesh, strict=c.strict_sharding)  # fails here if strict
     state_sh = train.state_shardings(params, tx, mesh)
     frozen_sh = shd.state_shardings(frozen, mesh)
-    state = with_sharding(jax.eval_shape(functools.partial(train.init_state, tx=tx, seed=c.seed), params), state_sh)
-
-    def batch_sharding(batch):  # as train.setup's
-        return jax.tree.map(lambda x: NamedSharding(mesh, shd.logical_to_spec(
-            ("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)), batch)
-
-    s = train.Setup(graphdef, with_sharding(frozen, frozen_sh), rest, state_sh, frozen_sh, batch_sharding, tx,
-                    schedule, mesh)
+    state = shd.with_shardings(jax.eval_shape(functools.partial(train.init_state, tx=tx, seed=c.seed), params),
+                               state_sh)
+    s = train.Setup(graphdef, shd.with_shardings(frozen, frozen_sh), rest, state_sh, frozen_sh,
+                    functools.partial(shd.batch_shardings, mesh=mesh), tx, schedule, mesh)
     return state, s, cfg, model
 
 
@@ -160,7 +150,7 @@ def abstract_batch(c, cfg, s: train.Setup, global_batch: int) -> dict:
     row = Encoder(None, ids, Path("."), d.max_len, d.image_size, cfg.num_patches, d.target_image_size,
                   d.on_too_long).blank()
     abstract = {k: jax.ShapeDtypeStruct((global_batch,) + np.shape(v), np.asarray(v).dtype) for k, v in row.items()}
-    return with_sharding(abstract, s.batch_sharding(abstract))
+    return shd.with_shardings(abstract, s.batch_sharding(abstract))
 
 
 def nbytes(tree, per_device: bool) -> int:
@@ -239,7 +229,8 @@ def check(c, devices, *, per_device_batch: int | None = None, eval_step: bool = 
                     "frozen": sum(x.size for x in jax.tree.leaves(s.frozen))},
          "param_bytes": {"whole": nbytes((state["params"], s.frozen), False),
                          "per_chip": nbytes((state["params"], s.frozen), True)},
-         "state_bytes": {"whole": nbytes((state, s.frozen), False), "per_chip": nbytes((state, s.frozen), True)}}
+         "state_bytes": {"whole": nbytes((state, s.frozen), False), "per_chip": nbytes((state, s.frozen), True)},
+         "sharding": shd.sharding_report(nnx.state(model, nnx.Param), mesh)[0]}
     step = train.jit_train_step(s, c.train.accum)
     with jax.set_mesh(mesh):
         log(f"train step: {r['global_batch']} rows on mesh {r['mesh']}, remat {r['remat']}")
@@ -420,8 +411,8 @@ def main(argv):
               f"with these for the eval step too)\n{format_report(best['report'])}", flush=True)
         return
     c = configure(c, remat=F.remat, mesh=parse_mesh(F.mesh) if F.mesh else None)
-    print(format_report(check(c, devices, per_device_batch=F.per_device_batch, eval_step=F.eval_step, log=progress)),
-          flush=True)
+    report = check(c, devices, per_device_batch=F.per_device_batch, eval_step=F.eval_step, log=progress)
+    print(f"{report['sharding']}\n{format_report(report)}", flush=True)
 
 
 if __name__ == "__main__":

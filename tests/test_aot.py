@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from launch import aot, flops
+from genllava_jax import flops
+from launch import aot
 
 
 def tiny_config(**mesh):
@@ -142,3 +143,4 @@ def test_fit_check_compiles_the_tiny_model_for_v5e_2x2():
         assert field in text, field
     assert text.endswith("FITS")
     np.testing.assert_equal(r["per_device_batch"], 2)
+

@@ -79,10 +79,14 @@ def test_resumed_run_continues_exactly(data_dir, tmp_path, monkeypatch):
     mesh = single_mesh()
     straight = c.copy_and_resolve_references()
     straight.data.eval_path = str(data_dir / "eval.jsonl")
-    straight.train.update(eval_every=3, eval_batches=1, sample_every=6)
+    straight.train.update(eval_every=3, eval_batches=1, sample_every=6, profile_steps=(2, 3))
     straight.sample.num_steps = 2
     train.run(straight, tmp_path / "straight", mesh=mesh)
     assert [r["step"] for r in metric_rows(tmp_path / "straight") if "eval/ce" in r] == [3, 6]
+    rows = [r for r in metric_rows(tmp_path / "straight") if "loss" in r]
+    assert all(r["model_flops_per_step"] > 0 for r in rows)  # the analytic count, and MFU from the step times
+    assert all(0 < r["mfu"] < 1 and 0 < r["step_time_p50"] <= r["step_time_max"] for r in rows[1:]), rows
+    assert list((tmp_path / "straight" / "profile").rglob("*.xplane.pb"))  # train.profile_steps
     assert len(built) == 1 and built[0]._cache_size() == 1  # two evaluations, one compilation
     assert (tmp_path / "straight" / "samples" / "step_0000006.png").exists()
     assert list((tmp_path / "straight" / "tb").iterdir())  # TensorBoard events

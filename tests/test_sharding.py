@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from genllava_jax import checkpoint, sharding as shd
+from genllava_jax.layers import Linear
 from genllava_jax.models.mistral import Mistral, MistralConfig
 
 TINY = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -102,3 +103,41 @@ def test_cli_checkpoint_restores_onto_mesh_with_rule_shardings(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as e:  # never overwrites silently
         run("--to-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "back"))
     assert "exists" in e.value.stderr
+
+
+class _TwoLinears(nnx.Module):
+    def __init__(self, rngs):
+        self.even = Linear(16, 32, ("embed", "mlp"), rngs=rngs)  # 16 splits over fsdp=8
+        self.odd = Linear(12, 32, ("embed", "mlp"), rngs=rngs)  # 12 does not: replicated over fsdp
+
+
+def test_a_dropped_axis_is_reported_and_an_error_when_strict():
+    mesh = shd.make_mesh({"fsdp": 8})
+    abstract = nnx.state(nnx.eval_shape(lambda: _TwoLinears(nnx.Rngs(0))), nnx.Param)
+    text, dropped = shd.sharding_report(abstract, mesh)
+    assert dropped == ["odd/kernel (12, 32): fsdp=8 does not divide embed=12"]
+    rows = {line.split()[0]: line for line in text.splitlines()[2:-1]}
+    # part, logical axes, spec, arrays, bytes per device, whole, what stayed replicated and why
+    assert rows["even"].split("  ")[-1] == "" and "('fsdp', None)" in rows["even"]
+    assert " 256.0 B " in rows["even"] and " 2.0 KiB " in rows["even"]  # 16 x 32 float32 over 8 devices
+    assert "(None, None)" in rows["odd"] and rows["odd"].count("1.5 KiB") == 2  # whole on every device
+    assert rows["odd"].endswith("fsdp=8 does not divide embed=12")
+    assert text.splitlines()[-1] == ("  1 arrays keep a dimension unsplit over an axis that does not divide it; "
+                                     "1.8 KiB of parameters per device")
+    with pytest.raises(ValueError, match=r"strict_sharding: 1 parameters .*odd/kernel \(12, 32\): fsdp=8 does not "
+                                         r"divide embed=12"):
+        shd.create_sharded(lambda: _TwoLinears(nnx.Rngs(0)), mesh, strict=True)
+    model = shd.create_sharded(lambda: _TwoLinears(nnx.Rngs(0)), mesh)  # not strict: replicated, as before
+    assert model.odd.kernel.get_value().sharding.spec == P(None, None)
+    assert model.even.kernel.get_value().sharding.spec == P("fsdp", None)
+
+
+def test_strict_sharding_config_key_stops_the_build_before_anything_is_allocated(data_dir):
+    from micro import micro_config
+
+    from genllava_jax import train
+
+    c = micro_config(data_dir)
+    c.strict_sharding = True
+    with pytest.raises(ValueError, match=r"strict_sharding: \d+ parameters would be replicated .*does not divide"):
+        train.build(c, shd.make_mesh({"fsdp": 8}))

@@ -1,4 +1,5 @@
-"""FLOP counts for the fit check: matmul/conv FLOPs of a traced program, and the analytic count of a train step.
+"""FLOP counts: matmul/conv FLOPs of a traced program, the analytic count of a train step (the fit check's and the
+train loop's MFU), and each device's peak.
 
 XLA's cost analysis counts a `while` (scan) body once, whatever its trip count. `program_flops` walks the jaxpr
 and counts dot_general and conv FLOPs either the same way (`scale_loops=False`) or times each scan's length, so the
@@ -7,7 +8,9 @@ difference is what XLA leaves out.
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 
 import jax
 import numpy as np
@@ -104,3 +107,41 @@ def analytic(model, cfg, *, rows: int, seq_len: int, target_px: int, trainable: 
     grads_flow_through = {"unet"}  # frozen, but the head's gradient passes through it
     return {name: (3 if name in trainable else 2 if name in grads_flow_through else 1) * f
             for name, f in fwd.items()}
+
+
+def train_step_flops(model, cfg, c, trainable: set[str]) -> float:
+    """Model FLOPs of one optimizer step of config `c` (every micro-batch of `train.accum`), by `analytic`."""
+    rows = c.train.batch_size // c.train.accum
+    parts = analytic(model, cfg, rows=rows, seq_len=c.data.max_len, target_px=c.data.target_image_size,
+                     trainable=trainable)
+    return c.train.accum * sum(parts.values())
+
+
+# Dense bfloat16 peak FLOP/s of one device, by the start of its `device_kind` or a part of it (the first match);
+# a v4 / v5p chip is one (megacore) device. Vendor figures: TPU v4 275 T, v5e 197 T, v5p 459 T, v6e 918 T;
+# H100 / H200 SXM 989 T (H100 PCIe: 756 T), A100 312 T.
+PEAK_FLOPS = (("TPU v5 lite", 197e12), ("TPU v6 lite", 918e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
+              ("TPU v4", 275e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+
+
+def peak_flops(device) -> float | None:
+    """Peak FLOP/s of one device: the table above, or on CPU a float32 matmul measured now (the host's cores are
+    shared by its CPU devices); None for an unknown accelerator."""
+    if device.platform == "cpu":
+        return _measured_cpu_flops() / len([d for d in jax.local_devices() if d.platform == "cpu"])
+    return next((peak for name, peak in PEAK_FLOPS if name in device.device_kind), None)
+
+
+@functools.cache
+def _measured_cpu_flops(n: int = 1024, reps: int = 8) -> float:
+    """FLOP/s of a jitted n×n float32 matmul on the first CPU device (best of a few runs: a busy host is slower)."""
+    cpu = jax.local_devices(backend="cpu")[0]
+    x = jax.device_put(np.ones((n, n), np.float32), cpu)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
