@@ -10,7 +10,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned, so that nothing later resolves a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[torch,dev,tpu]'
+	$(PY) -m pip install -q -e '.[torch,dev]'
+	# libtpu for the TPU fit check (launch/aot.py) only, kept out of site-packages: where JAX finds it, every
+	# program loads it and prints its start-up errors on a machine without a TPU. The version jax[tpu]==0.10.2 pins.
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/libtpu-aot 'libtpu==0.0.42.1'
 	touch $(STAMP)
 
 # Oracle sources, downloaded and never installed: pytorch-fid's FID Inception builds on torchvision's Inception

@@ -14,17 +14,24 @@ prints the best cell's train-step report (the eval step is not compiled: rerun t
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 # libtpu takes a lockfile so that one process owns the chips; compile-only use needs no chips, and another JAX
 # process on the machine (which also loads libtpu when it is installed) would otherwise make this one fail.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# libtpu itself: the installed one (a TPU VM: `pip install .[tpu]`), else the copy `make install` keeps outside
+# site-packages, in <venv>/libtpu-aot: where JAX would find it, every program would load it and print its errors on
+# a machine without a TPU; only this check needs it.
+_ASIDE = os.path.join(sys.prefix, "libtpu-aot", "libtpu", "libtpu.so")
+if "TPU_LIBRARY_PATH" not in os.environ and importlib.util.find_spec("libtpu") is None and os.path.isfile(_ASIDE):
+    os.environ["TPU_LIBRARY_PATH"] = _ASIDE
 
 import functools  # noqa: E402
 import gc  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -66,6 +73,10 @@ def target_devices(topology: str) -> list:
     else:
         raise errors.BadValue(f"--topology={topology!r}: use one of {sorted(TOPOLOGIES)} or libtpu's form such as "
                               f"v5e:2x2 / v5:2x2x1")
+    if "TPU_LIBRARY_PATH" not in os.environ and importlib.util.find_spec("libtpu") is None:
+        raise errors.MissingFile(f"launch.aot compiles through libtpu, which is not installed: `make install` keeps "
+                                 f"a copy in {os.path.dirname(os.path.dirname(_ASIDE))} (pip install --target), a TPU "
+                                 f"VM has it from `pip install .[tpu]`")
     return list(topologies.get_topology_desc(name, "tpu", chip_config_name=chip_config,
                                              chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=wrap).devices)
 

@@ -1,5 +1,5 @@
 """The TPU fit check (launch/aot.py): FLOP counting, the batch search, and a real compile for a v5e:2x2 slice on
-this CPU through libtpu (installed by `make test` with the `tpu` extra; the test fails, never skips, without it)."""
+this CPU through libtpu (`make install` puts it in .venv/libtpu-aot; the test fails, never skips, without it)."""
 
 import jax
 import jax.numpy as jnp
@@ -144,3 +144,20 @@ def test_fit_check_compiles_the_tiny_model_for_v5e_2x2():
     assert text.endswith("FITS")
     np.testing.assert_equal(r["per_device_batch"], 2)
 
+
+def test_programs_other_than_the_fit_check_print_no_libtpu_start_up_errors():
+    """libtpu is kept out of site-packages (Makefile): JAX's backend discovery would load it in every program and
+    print its errors on a machine without a TPU. The fit check finds it (the tests above compile through it)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    assert importlib.util.find_spec("libtpu") is None, "libtpu is importable: every JAX program will initialise it"
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_LIBRARY_PATH")}
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # another process's libtpu lock would hide the errors
+    out = subprocess.run([sys.executable, "-c", "import jax, genllava_jax.train; print(jax.devices())"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and "CpuDevice" in out.stdout, out.stderr[-2000:]
+    noise = [line for line in out.stderr.splitlines() if "libtpu" in line or "TPU" in line or "E0000" in line]
+    assert not noise, noise
