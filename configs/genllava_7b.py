@@ -9,6 +9,10 @@ Convert the pretrained parts once (HF / diffusers folders downloaded elsewhere),
     python -m genllava_jax.train --config=configs/genllava_7b.py --workdir=gs://bucket/genllava7b \
         --config.data.path=gvit.jsonl --config.data.tokenizer=Mistral-7B-Instruct-v0.2
 
+GILL's alignment loss (DESIGN.md §1): `--config=configs/genllava_7b.py:align` adds λ_align = 1 · MSE between the
+head's conditioning and SD's frozen CLIP text encoder states of each record's caption (or t2i prompt), with
+init.text_encoder=ckpt/sd/text_encoder and data.caption_tokenizer=ckpt/sd/tokenizer from the SD conversion.
+
 It prints a progress bar and every `train.log_every` steps a line such as
     step 10 loss 3.2 ce 2.4 mse 0.14 token_accuracy 0.51 grad_norm 2.1 lr 6.7e-07 tokens_per_s ... images_per_s ...
 Parameters are kept in float32 and computed in bfloat16; Mistral and SigLIP are scanned with full remat; the mesh is
@@ -18,7 +22,8 @@ fully sharded (fsdp) over all chips. `python -m launch.aot --config=configs/genl
 from genllava_jax.config import base_config
 
 
-def get_config():
+def get_config(arg=None):
+    """`arg`: "align" for GILL's alignment loss (config_flags passes what follows the file name's colon)."""
     c = base_config()  # its train and sample defaults are this model's recipe (AdamW 2e-5, batch 128, ...)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
 
@@ -45,4 +50,14 @@ def get_config():
     # our-format checkpoints written by `python -m convert ...`; a .npy sets a single parameter
     c.init = dict(vision="ckpt/siglip", llm="ckpt/mistral", unet="ckpt/sd/unet", vae="ckpt/sd/vae",
                   null_cond="ckpt/sd/null_conditioning.npy")
+
+    if arg == "align":
+        # SD v1.4's text encoder: CLIP ViT-L/14's text tower (its 77 x 768 states match the head's output)
+        m.lambda_align = 1.0
+        m.text_encoder = dict(text=dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
+                                        max_position_embeddings=77), vision=None, projection_dim=None, **bf16)
+        c.init.text_encoder = "ckpt/sd/text_encoder"
+        c.data.caption_tokenizer = "ckpt/sd/tokenizer"
+    elif arg:
+        raise ValueError(f"configs/genllava_7b.py:{arg}: the only variant is 'align'")
     return c

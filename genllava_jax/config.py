@@ -36,6 +36,8 @@ def data_config() -> ml_collections.ConfigDict:
         worker_count=0,  # grain worker processes (0: decode in this process)
         read_threads=2,  # threads decoding records ahead of the consumer
         eval_path="",  # held-out GVIT file for train.eval_every / train.sample_every
+        caption_tokenizer="",  # a CLIP tokenizer directory: captions are tokenized for model.lambda_align
+        caption_max_len=77,  # caption tokens (padded / cut): the head's num_query_tokens, 77 for SD
     ))
 
 

@@ -223,6 +223,13 @@ def model_config(c, tokenizer):
                               f"patches ((image_size / patch_size) ** 2): set data.num_patches={cfg.num_patches}")
     if cfg.vision.image_size != c.data.image_size:
         raise errors.BadValue(f"data.image_size={c.data.image_size} != model.vision.image_size={cfg.vision.image_size}")
+    if cfg.lambda_align and not c.data.get("caption_tokenizer"):
+        raise errors.BadValue("model.lambda_align > 0 needs data.caption_tokenizer (the CLIP tokenizer, e.g. an SD "
+                              "pipeline's tokenizer/)")
+    if cfg.lambda_align and c.data.get("caption_max_len", 77) != cfg.head.num_query_tokens:
+        raise errors.BadValue(f"data.caption_max_len={c.data.get('caption_max_len', 77)} must be model.head."
+                              f"num_query_tokens={cfg.head.num_query_tokens} (the alignment loss compares them "
+                              f"token by token)")
     return cfg
 
 

@@ -7,7 +7,9 @@ A batch (B = this process's rows, T = max_len, H = image_size, Ht = target_image
     input_ids, labels (IGNORE = -100 off the answers; aligned with input_ids, the loss shifts), attention_mask:
     int32 (B, T); image: float32 (B, H, H, 3) SigLIP-preprocessed; target_image, source_image (the edit's input):
     float32 (B, Ht, Ht, 3) in [-1, 1]; has_image, has_target: bool (B,); task: int32 (B,) index into TASKS
-    (0 text, 1 i2t, 2 t2i, 3 edit). Absent images are zeros.
+    (0 text, 1 i2t, 2 t2i, 3 edit). Absent images are zeros. With data.caption_tokenizer (a CLIP tokenizer, for
+    model.lambda_align) also caption_ids: int32 (B, caption_max_len), the record's `caption` (a t2i record's prompt
+    when it has none) as SD's pipelines tokenize a prompt, and has_caption: bool (B,).
 
 Per source: this process's shard (`[process_index::process_count]`), a seeded shuffle, repeated with a new order
 each epoch; sources are mixed by weight (grain.MapDataset.mix). Records the step cannot use are skipped, never
@@ -37,7 +39,7 @@ from genllava_jax.data import arrayrecord
 from genllava_jax.data.image import ImageConfig, preprocess, to_rgb
 from genllava_jax.data.records import REASONS, TASKS, BadRecord, Record, load_image, parse, read_records
 from genllava_jax.data.template import GENERATES, TASK_TOKEN, encode_conversation
-from genllava_jax.data.tokenizer import SpecialIds
+from genllava_jax.data.tokenizer import SpecialIds, clip_tokens, load_clip_tokenizer
 
 MAX_SKIPS_IN_A_ROW = 1000  # more means the data is unusable (wrong folder, ...): fail instead of spinning forever
 FIXES = ("truncated",)  # what is done to records that are kept but changed, counted like the skips
@@ -85,6 +87,8 @@ class Encoder:
     on_too_long: str
     root: Path | None = None  # image paths must resolve inside it (default: base_dir)
     max_pixels: int | None = None
+    caption_tokenizer: Any = None  # a CLIP tokenizer: rows get caption_ids / has_caption
+    caption_len: int = 77
 
     def __call__(self, raw) -> dict:
         try:
@@ -145,15 +149,22 @@ class Encoder:
         if record.target_image is not None:
             ex["target_image"] = vae_pixels(load_image(record.target_image, self.max_pixels), self.target_size)
             ex["has_target"] = np.bool_(True)
+        caption = record.caption or (record.turns[0][0] if record.task == "t2i" else None)
+        if self.caption_tokenizer is not None and caption:
+            ex["caption_ids"] = clip_tokens(self.caption_tokenizer, [caption], self.caption_len)[0][0]
+            ex["has_caption"] = np.bool_(True)
         return ex, fixes
 
     def blank(self) -> dict:
         """An empty row: what the padding rows of the last eval batch are."""
         t, s, h = self.max_len, self.image_size, self.target_size
-        return dict(input_ids=np.full(t, self.ids.pad, np.int32), labels=np.full(t, IGNORE, np.int32),
-                    attention_mask=np.zeros(t, np.int32), image=np.zeros((s, s, 3), np.float32),
-                    has_image=np.bool_(False), target_image=np.zeros((h, h, 3), np.float32),
-                    has_target=np.bool_(False), source_image=np.zeros((h, h, 3), np.float32), task=np.int32(0))
+        row = dict(input_ids=np.full(t, self.ids.pad, np.int32), labels=np.full(t, IGNORE, np.int32),
+                   attention_mask=np.zeros(t, np.int32), image=np.zeros((s, s, 3), np.float32),
+                   has_image=np.bool_(False), target_image=np.zeros((h, h, 3), np.float32),
+                   has_target=np.bool_(False), source_image=np.zeros((h, h, 3), np.float32), task=np.int32(0))
+        if self.caption_tokenizer is not None:
+            row |= dict(caption_ids=np.zeros(self.caption_len, np.int32), has_caption=np.bool_(False))
+        return row
 
 
 class _SkipCounting(grain.IterDataset):
@@ -296,6 +307,8 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, tokenizer, *, global_batch
     if image_root is not None and not Path(image_root).is_dir():
         raise errors.BadValue(f"data.image_root={image_root!r} is not a folder")
     batch_size, ids = global_batch // count, SpecialIds.of(tokenizer, data_cfg.num_img_tokens)
+    caption_dir = data_cfg.get("caption_tokenizer") or None
+    caption_tok = load_clip_tokenizer(caption_dir) if caption_dir else None
     encoder, parts, weights, num_records = None, [], [], {}
     for k, (path, weight) in enumerate(sources(data_cfg.path)):
         raw = arrayrecord.open_source(path) if path.endswith(".arrayrecord") else read_records(path)
@@ -307,7 +320,8 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, tokenizer, *, global_batch
             ds = ds.shuffle(seed=seed + k).repeat()
         encoder = Encoder(tokenizer, ids, Path(path).parent, data_cfg.max_len, data_cfg.image_size,
                           data_cfg.num_patches, data_cfg.target_image_size, data_cfg.on_too_long,
-                          Path(image_root).resolve() if image_root else None, data_cfg.get("max_image_pixels"))
+                          Path(image_root).resolve() if image_root else None, data_cfg.get("max_image_pixels"),
+                          caption_tok, data_cfg.get("caption_max_len", 77))
         parts.append(ds.map(encoder))
         weights.append(weight)
     ds = grain.MapDataset.mix(parts, weights) if train else grain.MapDataset.concatenate(parts)

@@ -139,7 +139,14 @@ def parse(raw: str | dict, base_dir: Path | None = None, root: Path | None = Non
         raise BadRecord("missing_image", f"{IMAGE} in the text but no image")
     if image is not None and not num_placeholders:  # LLaVA's convention: the image leads the first user turn
         turns = ((f"{IMAGE}\n{turns[0][0]}", turns[0][1]),) + turns[1:]
-    return Record(turns, task, image, target, raw.get("caption"), raw.get("meta"))
+    caption = raw.get("caption")
+    if caption is not None and not isinstance(caption, str):
+        raise BadRecord("malformed", f"caption must be a string, got {type(caption).__name__}")
+    try:
+        (caption or "").encode()
+    except UnicodeEncodeError as e:
+        raise BadRecord("malformed", f"the caption is not valid unicode text: {e}") from None
+    return Record(turns, task, image, target, caption, raw.get("meta"))
 
 
 def load_image(ref: str | bytes, max_pixels: int | None = None) -> Image.Image:

@@ -2,7 +2,9 @@
 
 `<image>` placeholders in the token sequence (the data pipeline writes exactly `num_patches` of them) are replaced by
 the projected patch features; the LLM's last hidden states at `[IMG0..N-1]` plus those tokens' input embeddings go
-through the Q-former head to the UNet's conditioning. The loss is CE on the labelled tokens + λ_gen · MSE(ε̂, ε).
+through the Q-former head to the UNet's conditioning. The loss is CE on the labelled tokens + λ_gen · MSE(ε̂, ε)
+(+ λ_align · MSE(conditioning, CLIP text states of the caption): GILL's alignment, the frozen CLIP text encoder
+running inside the step).
 Editing: `semantic` regenerates the target from the conditioning alone (frozen SD); `latent_concat` gives the UNet
 8 input channels, the source image's latents concatenated (InstructPix2Pix / MGIE).
 """
@@ -19,7 +21,9 @@ from flax import nnx
 
 from genllava_jax import diffusion
 from genllava_jax.constants import IGNORE
+from genllava_jax.errors import BadValue
 from genllava_jax.layers import param
+from genllava_jax.models.clip import CLIP, CLIPConfig
 from genllava_jax.models.mistral import Mistral, MistralConfig
 from genllava_jax.models.projector import Projector, ProjectorConfig
 from genllava_jax.models.qformer import QFormerHead, QFormerHeadConfig
@@ -28,7 +32,8 @@ from genllava_jax.models.unet import UNet, UNetConfig
 from genllava_jax.models.vae import AutoencoderKL, VAEConfig
 
 PARTS = {"vision": SiglipVisionConfig, "projector": ProjectorConfig, "llm": MistralConfig,
-         "head": QFormerHeadConfig, "unet": UNetConfig, "vae": VAEConfig, "schedule": diffusion.NoiseSchedule}
+         "head": QFormerHeadConfig, "unet": UNetConfig, "vae": VAEConfig, "schedule": diffusion.NoiseSchedule,
+         "text_encoder": CLIPConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,10 @@ class GenLLaVAConfig:
     # diffuse a posterior sample of the target's latents (SD's practice) or its mean (for a VAE whose posterior is
     # still wide, like the demo's briefly fitted one: its samples would be mostly noise)
     sample_latents: bool = True
+    # GILL's alignment loss: λ_align · MSE between the head's conditioning and the frozen CLIP text encoder's last
+    # hidden states of the caption (batches then carry caption_ids / has_caption: data.caption_tokenizer)
+    lambda_align: float = 0.0
+    text_encoder: CLIPConfig | None = None  # SD's CLIP text tower (a text-only CLIPConfig); needed for lambda_align
 
     def __post_init__(self):
         if self.edit_mode not in ("semantic", "latent_concat"):
@@ -70,6 +79,13 @@ class GenLLaVAConfig:
             (self.unet.in_channels == want_in, f"unet.in_channels must be {want_in} for edit_mode={self.edit_mode}"),
             (self.unet.out_channels == self.vae.latent_channels, "unet.out_channels != vae.latent_channels"),
         ]
+        if self.lambda_align:
+            te = self.text_encoder.text if self.text_encoder is not None else None
+            checks += [(te is not None, "lambda_align > 0 needs text_encoder (a CLIP config with a text tower)")]
+            checks += [] if te is None else [
+                (te.hidden_size == self.head.out_dim, "text_encoder.text.hidden_size != head.out_dim"),
+                (te.max_position_embeddings >= self.head.num_query_tokens,
+                 "text_encoder.text.max_position_embeddings < head.num_query_tokens (the caption length)")]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
             raise ValueError("inconsistent GenLLaVA config: " + "; ".join(bad))
@@ -101,6 +117,7 @@ class GenLLaVA(nnx.Module):
         self.head = QFormerHead(cfg.head, rngs=rngs)
         self.unet = UNet(cfg.unet, rngs=rngs)
         self.vae = AutoencoderKL(cfg.vae, rngs=rngs)
+        self.text_encoder = CLIP(cfg.text_encoder, rngs=rngs) if cfg.text_encoder is not None else None
         # learned unconditional context; converters overwrite it with CLIP("") when SD has a text encoder
         self.null_cond = param(rngs, nnx.initializers.normal(0.02), (cfg.head.num_query_tokens, cfg.head.out_dim),
                                (None, "embed"), jnp.dtype(cfg.head.param_dtype))
@@ -143,7 +160,8 @@ class GenLLaVA(nnx.Module):
     # -- training ----------------------------------------------------------------------------------------------
 
     def loss(self, batch: dict, rng: jax.Array):
-        """CE on labelled tokens + λ_gen · MSE(ε̂, ε) on rows with a target image; returns (loss, metrics)."""
+        """CE on labelled tokens + λ_gen · MSE(ε̂, ε) on rows with a target image (+ λ_align · the alignment loss on
+        those with a caption); returns (loss, metrics)."""
         cfg = self.cfg
         ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
         embeds = self.embed_inputs(ids, batch["image"], batch["has_image"])
@@ -160,11 +178,14 @@ class GenLLaVA(nnx.Module):
         h, e, found = self.img_states(ids, out.hidden, embeds)
         has = batch["has_target"] & found
         target_image, source_image = jnp.asarray(batch["target_image"]), jnp.asarray(batch["source_image"])
+        aligned = jnp.asarray(batch["has_caption"]) & found if cfg.lambda_align else found
         if cfg.diffusion_rows:
             rows = jnp.argsort(~has, stable=True)[:cfg.diffusion_rows]
-            h, e, has, target_image, source_image = (x[rows] for x in (h, e, has, target_image, source_image))
+            h, e, has, target_image, source_image, aligned = (
+                x[rows] for x in (h, e, has, target_image, source_image, aligned))
         B = h.shape[0]
         cond = self.head(h, e)
+        align = self.align_loss(cond, batch, rows if cfg.diffusion_rows else None, aligned)
         drop = jax.random.bernoulli(r_drop, cfg.cond_drop_prob, (B,))
         cond = jnp.where(drop[:, None, None], self.null_cond[...].astype(cond.dtype)[None], cond)
         latents = jax.lax.stop_gradient(self.vae.latents(target_image, r_vae if cfg.sample_latents else None))
@@ -191,6 +212,20 @@ class GenLLaVA(nnx.Module):
         mse = (mse_B * has).sum() / jnp.maximum(n_img, 1)
         gen_loss = (weight_B * mse_B * has).sum() / jnp.maximum(n_img, 1)
         n_img = n_img // cfg.diffusion_repeats
-        loss = ce + cfg.lambda_gen * gen_loss
-        return loss, {"ce": ce, "mse": mse, "token_accuracy": acc, "tokens": mask.sum().astype(jnp.float32),
-                      "images": n_img.astype(jnp.float32)}
+        loss = ce + cfg.lambda_gen * gen_loss + cfg.lambda_align * align
+        metrics = {"ce": ce, "mse": mse, "token_accuracy": acc, "tokens": mask.sum().astype(jnp.float32),
+                   "images": n_img.astype(jnp.float32)}
+        return loss, metrics | ({"align": align} if cfg.lambda_align else {})
+
+    def align_loss(self, cond_BQC, batch, rows, aligned_B):
+        """GILL's alignment: mean over the rows with a caption of MSE(conditioning, CLIP text states of the caption
+        padded to Q tokens); the CLIP text encoder is frozen (no gradient flows into it). 0 without lambda_align."""
+        if not self.cfg.lambda_align:
+            return jnp.zeros((), jnp.float32)
+        if "caption_ids" not in batch:
+            raise BadValue("model.lambda_align > 0 needs caption_ids in the batch: set data.caption_tokenizer")
+        ids_BQ = jnp.asarray(batch["caption_ids"])
+        ids_BQ = ids_BQ if rows is None else ids_BQ[rows]
+        target_BQC = jax.lax.stop_gradient(self.text_encoder.encode_text(ids_BQ).last_hidden_state)
+        mse_B = jnp.mean(jnp.square(cond_BQC.astype(jnp.float32) - target_BQC.astype(jnp.float32)), axis=(1, 2))
+        return (mse_B * aligned_B).sum() / jnp.maximum(aligned_B.sum(), 1)
