@@ -15,9 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(1, str(ROOT))
 
 
-def record(name: str, command: str, header: list[str], row: list[str], note: str = "") -> str:
-    """Prints the table and stores it under `## <name>` in BENCHMARKS.md with the command and the machine."""
-    table = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n| " + " | ".join(row) + " |\n"
+def record(name: str, command: str, header: list[str], row: list[str] | list[list[str]], note: str = "") -> str:
+    """Prints the table (one row, or a list of rows) and stores it under `## <name>` in BENCHMARKS.md with the
+    command and the machine."""
+    rows = row if row and isinstance(row[0], list) else [row]
+    table = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n" + "".join(
+        "| " + " | ".join(r) + " |\n" for r in rows)
     when = datetime.date.today().isoformat()
     section = (f"## {name}\n\nCommand: `{command}`  \nMachine: {os.cpu_count()} CPU cores, {platform.machine()}, "
                f"{when}.\n\n{table}" + (f"\n{note}\n" if note else ""))

@@ -17,15 +17,15 @@ buffers excepted).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from flax import nnx
 
 from genllava_jax.models.clip import CLIP, CLIPConfig
 
-from .common import CONV, COPY, FLAT, LINEAR, ConversionError, Linear, Rule, TensorReader, export_hf, \
-    hf_tensors, load_state
+from .common import CONV, COPY, FLAT, LINEAR, ConversionError, Layout, Linear, Rule, Source, TensorReader, load_state, \
+    read_json
+from .stream import export_module
 
 ANCHORS = {"text": "embeddings.token_embedding.weight", "vision": "embeddings.patch_embedding.weight"}
 TOWER_PREFIX = {"text": "text_model.", "vision": "vision_model."}
@@ -92,12 +92,12 @@ def find_prefixes(keys, towers) -> dict[str, str]:
     return out
 
 
-def from_hf(path, mesh=None, *, towers=None, prefixes: dict[str, str] | None = None, hf_config: dict | None = None,
-            **overrides) -> CLIP:
-    """Loads CLIP from a HF folder: both towers of a CLIPModel (or only `towers`, e.g. ("text",)), or the one tower
-    of a CLIPTextModel / CLIPVisionModel (+ WithProjection). `overrides` set config fields (dtype, remat, ...)."""
+def hf_source(path, *, towers=None, prefixes: dict[str, str] | None = None, hf_config: dict | None = None,
+              **overrides) -> Source:
+    """CLIP in a HF folder: both towers of a CLIPModel (or only `towers`, e.g. ("text",)), or the one tower of a
+    CLIPTextModel / CLIPVisionModel (+ WithProjection). `overrides` set config fields (dtype, remat, ...)."""
     path = Path(path)
-    hf = hf_config if hf_config is not None else json.loads((path / "config.json").read_text())
+    hf = hf_config if hf_config is not None else read_json(path / "config.json")
     try:
         cfg = CLIPConfig.from_hf(hf, **overrides)
     except ValueError as e:
@@ -123,12 +123,22 @@ def from_hf(path, mesh=None, *, towers=None, prefixes: dict[str, str] | None = N
         return k.endswith("position_ids") or not (inside or k in wanted)
 
     abstract = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
-    return load_state(reader, table, abstract, mesh, ignore=ignore)
+    return Source(reader, table, abstract, ignore)
+
+
+def from_hf(path, mesh=None, *, towers=None, prefixes: dict[str, str] | None = None, hf_config: dict | None = None,
+            **overrides) -> CLIP:
+    """Loads CLIP from a HF folder (see `hf_source`)."""
+    return load_state(hf_source(path, towers=towers, prefixes=prefixes, hf_config=hf_config, **overrides), mesh)
+
+
+def layout(model: CLIP) -> Layout:
+    """The HF class the config names (`cfg.hf_class`), with the prefixed layout."""
+    cfg = model.cfg
+    prefixes = {t: TOWER_PREFIX[t] for t in ("text", "vision") if getattr(cfg, t) is not None}
+    return Layout(rules(cfg, prefixes), cfg.to_hf())
 
 
 def to_hf(model: CLIP, path, *, dtype=None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
     """Writes the HF class the config names (`cfg.hf_class`), loadable with no missing or unexpected keys."""
-    cfg = model.cfg
-    prefixes = {t: TOWER_PREFIX[t] for t in ("text", "vision") if getattr(cfg, t) is not None}
-    export_hf(path, cfg.to_hf(), hf_tensors(model, rules(cfg, prefixes), dtype), dtype=dtype,
-              max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    export_module(model, layout(model), path, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)

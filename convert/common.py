@@ -1,13 +1,13 @@
-"""Machinery shared by the converters: key tables, tensor transforms, streaming safetensors in and out.
+"""Machinery shared by the converters: key tables, tensor transforms, reading HF checkpoints tensor by tensor.
 
 A converter is one table of `Rule(hf_key, our_path, transform)`; the same table serves both directions.
 `{i}` in a rule marks a per-layer key stacked into the leading (layers) axis of our parameter; slice i of that
 axis is HF layer `stride * i + offset` (1 and 0 unless layers alike only every few are stacked together).
 
-Import streams: every parameter is built with `jax.make_array_from_callback`, whose callback reads, per device
-shard, only the tensors that shard needs, straight from the memory-mapped files. Host memory stays at about one
-tensor beyond the output, and each host of a pod reads only its own shards. Export streams the other way into
-size-bounded safetensors shards plus an index, written into a temporary directory renamed into place at the end.
+Each part module offers `hf_source(path, **overrides) -> Source` (the reader, table and abstract model of a HF
+folder) and `layout(model) -> Layout` (the table, HF config and file name of its export). From them, `load_state`
+builds a model in memory (each device shard read straight from the files by `jax.make_array_from_callback`), and
+`convert.stream` converts file to file without ever holding the model (`python -m convert`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -25,7 +25,6 @@ from flax import nnx
 
 from genllava_jax import errors
 from genllava_jax import sharding as shd
-from genllava_jax.atomic import atomic_write
 
 
 class ConversionError(errors.BadValue):
@@ -115,6 +114,20 @@ class Rule:
         return self.hf.format(i=self.stride * i + self.offset)
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    """A config file as a dict; a missing or malformed file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: not found (a Hugging Face folder has its config.json beside the weights)")
+    try:
+        out = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(out, dict):
+        raise ConversionError(f"{path}: holds a {type(out).__name__}, not a JSON object")
+    return out
+
+
 def with_prefix(rules: Iterable[Rule], prefix: str) -> tuple[Rule, ...]:
     """The same table for a checkpoint that nests the part under `prefix` (e.g. "vision_model.")."""
     return tuple(dataclasses.replace(r, hf=prefix + r.hf) for r in rules)
@@ -133,16 +146,19 @@ def find_prefix(keys: Iterable[str], anchor: str) -> str:
 
 
 class TensorReader:
-    """Keys, shapes and lazy tensors of a folder with `model.safetensors`, a sharded index, or a `.bin` file.
+    """Keys, shapes and tensors of a folder with `model.safetensors`, a sharded index, or a `.bin` file.
 
     `prefix` names the files (diffusers: "diffusion_pytorch_model"); `rename` maps the checkpoint's keys to the
-    names the rules use (e.g. legacy names to current ones).
+    names the rules use (e.g. legacy names to current ones). Headers are read once; each `get` maps its file only
+    for the one tensor it copies out (a file kept mapped counts every page read from it in the process's memory).
     """
+
+    _FLOAT = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
     def __init__(self, folder: str | os.PathLike, prefix: str = "model", rename: Callable[[str], str] | None = None):
         self.folder = Path(folder)
         self._files: dict[str, Path] = {}
-        self._open: dict[Path, object] = {}
+        self._info: dict[str, tuple[tuple[int, ...], str | None]] = {}  # key -> (shape, float dtype or None)
         self._torch: dict[str, object] | None = None
         index = self.folder / f"{prefix}.safetensors.index.json"
         single = self.folder / f"{prefix}.safetensors"
@@ -150,10 +166,14 @@ class TensorReader:
         if self.folder.is_file():  # a bare checkpoint file (e.g. a .pth state dict) rather than a folder
             single, binary = (self.folder, index) if self.folder.suffix == ".safetensors" else (index, self.folder)
         if index.exists():
-            for key, fname in json.loads(index.read_text())["weight_map"].items():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConversionError(f"{index}: not a safetensors index ({e})") from e
+            for key, fname in weight_map.items():
                 self._files[key] = self.folder / fname
         elif single.exists():
-            self._files = {k: single for k in self._handle(single).keys()}
+            self._files = {k: single for k in self._header(single)}
         elif binary.exists():
             import torch  # pickles are read only with weights_only=True: no code runs from the file
 
@@ -167,37 +187,44 @@ class TensorReader:
             except Exception as e:  # anything but plain tensors (code to run, unknown classes) is refused
                 raise ConversionError(f"{binary}: cannot be read with torch.load(weights_only=True) ({e})") from e
             self._files = {k: binary for k in self._torch}
+            self._info = {k: (tuple(t.shape), str(t.dtype).removeprefix("torch.") if t.is_floating_point() else None)
+                          for k, t in self._torch.items()}
         else:
             raise ConversionError(f"{self.folder}: no {single.name}, {index.name} or {binary.name} found")
+        for path in dict.fromkeys(self._files.values()):  # each file's header once, in file order
+            if self._torch is None:
+                self._info.update(self._header(path))
+        listed = set(self._files) - set(self._info)
+        if listed:
+            raise ConversionError(f"{index}: lists {sorted(listed)[:5]} but their files do not hold them")
         self._source = {(rename or str)(k): k for k in self._files}  # our name -> the checkpoint's
         self._files = {k: self._files[src] for k, src in self._source.items()}
 
-    def _handle(self, path: Path):
-        if path not in self._open:
-            from safetensors import safe_open
+    def _header(self, path: Path) -> dict[str, tuple[tuple[int, ...], str | None]]:
+        from safetensors import safe_open
 
-            if not path.exists():
-                raise ConversionError(f"{path}: listed in the index but missing")
-            try:
-                self._open[path] = safe_open(str(path), framework="numpy")
-            except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
-                raise ConversionError(f"{path}: cannot be read as safetensors ({e})") from e
-        return self._open[path]
+        if not path.exists():
+            raise ConversionError(f"{path}: listed in the index but missing")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                return {k: (tuple(f.get_slice(k).get_shape()), self._FLOAT.get(f.get_slice(k).get_dtype()))
+                        for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+            raise ConversionError(f"{path}: cannot be read as safetensors ({e})") from e
 
     def keys(self) -> list[str]:
-        return list(self._files)
+        """Every key, grouped by file in the files' order."""
+        return sorted(self._files, key=lambda k: str(self._files[k]))
 
     def __contains__(self, key: str) -> bool:
         return key in self._files
 
-    def info(self, key: str) -> tuple[tuple[int, ...], bool]:
-        """(shape, is floating point) from the header, without reading the data."""
-        src = self._source[key]
-        if self._torch is not None:
-            t = self._torch[src]
-            return tuple(t.shape), t.is_floating_point()
-        sl = self._handle(self._files[key]).get_slice(src)
-        return tuple(sl.get_shape()), sl.get_dtype() in ("F16", "BF16", "F32", "F64")
+    def file(self, key: str) -> Path:
+        return self._files[key]
+
+    def info(self, key: str) -> tuple[tuple[int, ...], str | None]:
+        """(shape, dtype name if floating point else None) from the header, without reading the data."""
+        return self._info[self._source[key]]
 
     def get(self, key: str) -> np.ndarray:
         src = self._source[key]
@@ -208,10 +235,11 @@ class TensorReader:
 
                 return t.view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
             return t.numpy()
+        from safetensors import safe_open
+
         try:
-            return self._handle(self._files[key]).get_tensor(src)
-        except ConversionError:
-            raise
+            with safe_open(str(self._files[key]), framework="numpy") as f:
+                return f.get_tensor(src)
         except Exception as e:
             raise ConversionError(f"{self._files[key]}: tensor {key!r} cannot be read ({e})") from e
 
@@ -260,18 +288,45 @@ def plan(rules: Iterable[Rule], abstract_state, reader_keys: Iterable[str] | Non
 
 
 def _check_tensor(reader: TensorReader, key: str, want: tuple) -> None:
-    got, is_float = reader.info(key)
+    got, dtype = reader.info(key)
     if tuple(got) != tuple(want):
         raise ConversionError(f"{key}: shape {tuple(got)} in the checkpoint, but the config needs {tuple(want)}")
-    if not is_float:
+    if dtype is None:
         raise ConversionError(f"{key}: not a floating-point tensor in the checkpoint")
 
 
-def load_state(reader: TensorReader, rules: Sequence[Rule], abstract_model: nnx.Module, mesh=None,
-               ignore: Callable[[str], bool] = lambda k: False):
-    """Our nnx state for `abstract_model` (from nnx.eval_shape) filled from `reader`, placed by the rules."""
-    graphdef, abs_state = nnx.split(abstract_model)
-    entries = plan(rules, abs_state, reader.keys(), ignore)
+@dataclasses.dataclass
+class Source:
+    """A HF checkpoint matched to our model: its reader, the key table, our abstract model (nnx.eval_shape) and
+    which of its keys are not ours to convert."""
+
+    reader: TensorReader
+    rules: Sequence[Rule]
+    model: nnx.Module
+    ignore: Callable[[str], bool] = lambda k: False
+
+    def entries(self) -> list[tuple[Rule, str, tuple, object]]:
+        """`plan` against the checkpoint, every tensor's shape and type checked from the headers."""
+        entries = plan(self.rules, nnx.state(self.model), self.reader.keys(), self.ignore)
+        for rule, _, shape, _ in entries:
+            hf_shape = rule.transform.hf_shape(shape[1:] if rule.stacked else shape)
+            for key in _expand(rule, shape[0] if rule.stacked else None):
+                _check_tensor(self.reader, key, hf_shape)
+        return entries
+
+    def dtype(self) -> str:
+        """The checkpoint's parameter dtype: the widest floating dtype among the tensors we convert (no loss)."""
+        keys = [k for rule, _, shape, _ in self.entries() for k in _expand(rule, shape[0] if rule.stacked else None)]
+        dtypes = {self.reader.info(k)[1] for k in keys}
+        widest = max(np.dtype(d).itemsize for d in dtypes)
+        top = {d for d in dtypes if np.dtype(d).itemsize == widest}
+        return top.pop() if len(top) == 1 else "float32"  # float16 beside bfloat16: neither holds the other
+
+
+def load_state(source: Source, mesh=None):
+    """Our model for `source`, in memory, placed by the rules on `mesh` (default: the first local device)."""
+    graphdef, abs_state = nnx.split(source.model)
+    entries, reader = source.entries(), source.reader
     if mesh is None:
         mesh = shd.make_mesh({"data": 1}, jax.local_devices()[:1])
     shardings = shd.state_shardings(abs_state, mesh)
@@ -279,9 +334,6 @@ def load_state(reader: TensorReader, rules: Sequence[Rule], abstract_model: nnx.
     values = {}
     for rule, path, shape, dtype in entries:
         layer_shape = shape[1:] if rule.stacked else shape
-        hf_shape = rule.transform.hf_shape(layer_shape)
-        for key in _expand(rule, shape[0] if rule.stacked else None):
-            _check_tensor(reader, key, hf_shape)
 
         def fetch(index, rule=rule, shape=shape, layer_shape=layer_shape, dtype=dtype):
             if not rule.stacked:
@@ -299,62 +351,19 @@ def load_state(reader: TensorReader, rules: Sequence[Rule], abstract_model: nnx.
 # Export
 
 
-def hf_tensors(module: nnx.Module, rules: Sequence[Rule], dtype=None):
-    """Yields (hf_key, numpy tensor) one at a time from our module."""
-    state = nnx.state(module, nnx.Param)
-    for rule, path, shape, _ in plan(rules, state):
-        a = np.asarray(jax.device_get(flat_vars(state)[path].get_value()))
-        if dtype is not None:
-            a = a.astype(dtype)
+@dataclasses.dataclass
+class Layout:
+    """How a model of ours is written in HF form: its key table, config.json and weight file name."""
+
+    rules: Sequence[Rule]
+    hf_config: dict[str, Any]
+    file_prefix: str = "model"
+
+
+def hf_slices(rules: Sequence[Rule], abstract_state):
+    """(hf key, hf shape, rule, our path, layer or None) of every HF tensor of our parameters, in table order."""
+    for rule, path, shape, _ in plan(rules, abstract_state):
         layer_shape = shape[1:] if rule.stacked else shape
-        hf_shape = rule.transform.hf_shape(layer_shape)
-        # np.require, not ascontiguousarray: that turns a 0-d tensor (CLIP's logit_scale) into shape (1,)
-        if rule.stacked:
-            for i in range(shape[0]):
-                yield rule.key(i), np.require(rule.transform.to_hf(a[i], hf_shape), requirements="C")
-        else:
-            yield rule.hf, np.require(rule.transform.to_hf(a, hf_shape), requirements="C")
-
-
-def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], folder: Path, prefix: str = "model",
-                      max_shard_bytes: int = 5 * 2**30) -> list[str]:
-    """Writes size-bounded shards and, when there is more than one, `{prefix}.safetensors.index.json`."""
-    from safetensors.numpy import save_file
-
-    shards: list[dict[str, np.ndarray]] = [{}]
-    names: list[str] = []
-    weight_map: dict[str, int] = {}
-    size = total = 0
-
-    def flush(last: bool):
-        names.append(f"{prefix}-{len(names) + 1:05d}.safetensors")
-        save_file(shards[-1], str(folder / names[-1]), metadata={"format": "pt"})
-        if not last:
-            shards[-1] = {}
-
-    for key, t in tensors:
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
-            flush(last=False)
-            size = 0
-        shards[-1][key] = t
-        weight_map[key] = len(names)
-        size += t.nbytes
-        total += t.nbytes
-    flush(last=True)
-    if len(names) == 1:
-        os.replace(folder / names[0], folder / f"{prefix}.safetensors")
-        return [f"{prefix}.safetensors"]
-    index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
-    (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return names
-
-
-def export_hf(path, hf_config: dict, tensors: Iterable[tuple[str, np.ndarray]], *, prefix: str = "model",
-              dtype=None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
-    """config.json + safetensors shards (+ index) written into a temporary directory renamed to `path` at the end;
-    `dtype`, when the tensors were cast to it, is recorded as the config's torch_dtype."""
-    if dtype is not None:
-        hf_config = {**hf_config, "torch_dtype": str(dtype)}
-    with atomic_write(path, directory=True, overwrite=overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        write_safetensors(tensors, tmp, prefix=prefix, max_shard_bytes=max_shard_bytes)
+        hf_shape = tuple(rule.transform.hf_shape(layer_shape))
+        for i in range(shape[0]) if rule.stacked else (None,):
+            yield (rule.hf if i is None else rule.key(i)), hf_shape, rule, path, i

@@ -10,15 +10,15 @@ does not enter the forward pass and is ignored.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from flax import nnx
 
 from genllava_jax.models.dino import DinoViT, ViTConfig
 
-from .common import CONV, COPY, FLAT, LINEAR, Linear, Rule, TensorReader, export_hf, find_prefix, \
-    hf_tensors, load_state, with_prefix
+from .common import CONV, COPY, FLAT, LINEAR, Layout, Linear, Rule, Source, TensorReader, find_prefix, load_state, \
+    read_json, with_prefix
+from .stream import export_module
 
 ANCHOR = "embeddings.cls_token"
 L = "encoder.layer.{i}."
@@ -47,20 +47,28 @@ RULES = (
 )
 
 
-def from_hf(path, mesh=None, **overrides) -> DinoViT:
-    """Loads a ViTModel (or the `vit.` of a ViT task model); `overrides` set config fields (dtype, remat)."""
+def hf_source(path, **overrides) -> Source:
+    """A ViTModel (or the `vit.` of a ViT task model); `overrides` set config fields (dtype, remat)."""
     path = Path(path)
     reader = TensorReader(path)
     prefix = find_prefix(reader.keys(), ANCHOR)
     overrides.setdefault("use_pooler", f"{prefix}pooler.dense.weight" in reader)
-    cfg = ViTConfig.from_hf(json.loads((path / "config.json").read_text()), **overrides)
+    cfg = ViTConfig.from_hf(read_json(path / "config.json"), **overrides)
     abstract = nnx.eval_shape(lambda: DinoViT(cfg, rngs=nnx.Rngs(0)))
     ignore = lambda k: not k.startswith(prefix) or k == f"{prefix}embeddings.mask_token"  # noqa: E731
-    return load_state(reader, with_prefix(RULES, prefix), abstract, mesh, ignore=ignore)
+    return Source(reader, with_prefix(RULES, prefix), abstract, ignore)
+
+
+def from_hf(path, mesh=None, **overrides) -> DinoViT:
+    """Loads a ViTModel (see `hf_source`)."""
+    return load_state(hf_source(path, **overrides), mesh)
+
+
+def layout(model: DinoViT) -> Layout:
+    return Layout(RULES, model.cfg.to_hf())
 
 
 def to_hf(model: DinoViT, path, *, dtype=None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
     """Writes a folder that `ViTModel.from_pretrained` loads with no missing or unexpected keys (with
     `add_pooling_layer` as the model has a pooler)."""
-    export_hf(path, model.cfg.to_hf(), hf_tensors(model, RULES, dtype), dtype=dtype,
-              max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    export_module(model, layout(model), path, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)

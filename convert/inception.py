@@ -14,9 +14,12 @@ from __future__ import annotations
 from flax import nnx
 
 from genllava_jax import layers
+from genllava_jax.models import abstract_model
 from genllava_jax.models.inception import BatchNorm, FIDInception, InceptionConfig
 
-from .common import CONV, Rule, TensorReader, export_hf, hf_tensors, load_state
+from .common import CONV, Layout, Rule, Source, TensorReader, load_state
+from .stream import export_module
+
 
 BN_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
@@ -37,14 +40,22 @@ def _unused(key: str) -> bool:
     return key.startswith("fc.") or key.endswith(".num_batches_tracked")
 
 
-def from_hf(path, mesh=None, **overrides) -> FIDInception:
-    """Loads pytorch-fid's FID Inception state dict (a .pth file, read with weights_only=True, or a folder)."""
+def hf_source(path, **overrides) -> Source:
+    """pytorch-fid's FID Inception state dict (a .pth file, read with weights_only=True, or a folder)."""
     cfg = InceptionConfig(**overrides)
-    abstract = nnx.eval_shape(lambda: FIDInception(cfg, rngs=nnx.Rngs(0)))
-    return load_state(TensorReader(path), rules(abstract), abstract, mesh, ignore=_unused)
+    abstract = abstract_model(FIDInception, cfg)
+    return Source(TensorReader(path), rules(abstract), abstract, _unused)
+
+
+def from_hf(path, mesh=None, **overrides) -> FIDInception:
+    """Loads pytorch-fid's FID Inception weights (see `hf_source`)."""
+    return load_state(hf_source(path, **overrides), mesh)
+
+
+def layout(model: FIDInception) -> Layout:
+    return Layout(rules(model), model.cfg.to_hf())
 
 
 def to_hf(model: FIDInception, path, *, dtype=None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
     """Writes `path/model.safetensors` with pytorch-fid's keys (no classifier) and a config.json."""
-    export_hf(path, model.cfg.to_hf(), hf_tensors(model, rules(model), dtype), dtype=dtype,
-              max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    export_module(model, layout(model), path, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)

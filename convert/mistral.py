@@ -6,14 +6,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from flax import nnx
 
 from genllava_jax.models.mistral import Mistral, MistralConfig
 
-from .common import COPY, LINEAR, Linear, Rule, TensorReader, export_hf, hf_tensors, load_state
+from .common import COPY, LINEAR, Layout, Linear, Rule, Source, TensorReader, load_state, read_json
+from .stream import export_module
+
 
 L = "model.layers.{i}."
 RULES = (
@@ -37,15 +38,24 @@ def _ignore(cfg: MistralConfig):
     return lambda k: k.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and k == "lm_head.weight")
 
 
-def from_hf(path, mesh=None, **overrides) -> Mistral:
-    """Loads a HF Mistral folder (config.json + safetensors); `overrides` set config fields (dtype, remat...)."""
+def hf_source(path, *, hf_config: dict | None = None, **overrides) -> Source:
+    """A HF Mistral (or Llama) folder matched to our model; the config is `hf_config` or its config.json;
+    `overrides` set config fields."""
     path = Path(path)
-    cfg = MistralConfig.from_hf(json.loads((path / "config.json").read_text()), **overrides)
+    cfg = MistralConfig.from_hf(hf_config if hf_config is not None else read_json(path / "config.json"), **overrides)
     abstract = nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0)))
-    return load_state(TensorReader(path), RULES, abstract, mesh, ignore=_ignore(cfg))
+    return Source(TensorReader(path), RULES, abstract, _ignore(cfg))
+
+
+def from_hf(path, mesh=None, **overrides) -> Mistral:
+    """Loads a HF Mistral folder; `overrides` set config fields (dtype, remat...)."""
+    return load_state(hf_source(path, **overrides), mesh)
+
+
+def layout(model: Mistral) -> Layout:
+    return Layout(RULES, model.cfg.to_hf())
 
 
 def to_hf(model: Mistral, path, *, dtype=None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
     """Writes a folder that `MistralForCausalLM.from_pretrained` loads with no missing or unexpected keys."""
-    export_hf(path, model.cfg.to_hf(), hf_tensors(model, RULES, dtype), dtype=dtype, max_shard_bytes=max_shard_bytes,
-              overwrite=overwrite)
+    export_module(model, layout(model), path, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)

@@ -6,32 +6,40 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from flax import nnx
 
 from genllava_jax.models.projector import Projector, ProjectorConfig
 
-from .common import COPY, LINEAR, Rule, TensorReader, export_hf, hf_tensors, load_state, with_prefix
+from .common import COPY, LINEAR, Layout, Rule, Source, TensorReader, load_state, read_json, with_prefix
+from .stream import export_module
+
 
 PREFIX = "model.mm_projector."
 RULES = tuple(Rule(f"{i}.{w}", f"{fc}/{o}", t) for i, fc in ((0, "fc1"), (2, "fc2"))
               for w, o, t in (("weight", "kernel", LINEAR), ("bias", "bias", COPY)))
 
 
-def from_hf(path, mesh=None, *, prefix: str = PREFIX, **overrides) -> Projector:
-    """Loads the projector from a LLaVA folder (config.json with mm_hidden_size / hidden_size); other keys are
-    ignored."""
+def hf_source(path, *, prefix: str = PREFIX, **overrides) -> Source:
+    """The projector of a LLaVA folder (config.json with mm_hidden_size / hidden_size); other keys are ignored."""
     path = Path(path)
-    cfg = ProjectorConfig.from_hf(json.loads((path / "config.json").read_text()), **overrides)
+    cfg = ProjectorConfig.from_hf(read_json(path / "config.json"), **overrides)
     abstract = nnx.eval_shape(lambda: Projector(cfg, rngs=nnx.Rngs(0)))
-    return load_state(TensorReader(path), with_prefix(RULES, prefix), abstract, mesh,
-                      ignore=lambda k: not k.startswith(prefix))
+    return Source(TensorReader(path), with_prefix(RULES, prefix), abstract, lambda k: not k.startswith(prefix))
+
+
+def from_hf(path, mesh=None, *, prefix: str = PREFIX, **overrides) -> Projector:
+    """Loads the projector from a LLaVA folder."""
+    return load_state(hf_source(path, prefix=prefix, **overrides), mesh)
+
+
+def layout(model: Projector, prefix: str = PREFIX) -> Layout:
+    return Layout(with_prefix(RULES, prefix), model.cfg.to_hf())
 
 
 def to_hf(model: Projector, path, *, prefix: str = PREFIX, dtype=None, max_shard_bytes: int = 5 * 2**30,
           overwrite: bool = False) -> None:
     """Writes the projector's keys in LLaVA layout and a config.json with its LLaVA fields."""
-    export_hf(path, model.cfg.to_hf(), hf_tensors(model, with_prefix(RULES, prefix), dtype), dtype=dtype,
-              max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    export_module(model, layout(model, prefix), path, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                  overwrite=overwrite)

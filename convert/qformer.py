@@ -14,7 +14,6 @@ The query-only forward never uses the text feed-forward (`encoder.layer.N.interm
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -22,7 +21,9 @@ from flax import nnx
 
 from genllava_jax.models.qformer import QFormer, QFormerConfig, QFormerHead, QFormerHeadConfig
 
-from .common import COPY, FLAT, LINEAR, Linear, Rule, TensorReader, export_hf, hf_tensors, load_state
+from .common import COPY, FLAT, LINEAR, Layout, Linear, Rule, Source, TensorReader, load_state, read_json
+from .stream import export_module
+
 
 _ATTN = (("attention.query", "q", LINEAR), ("attention.key", "k", LINEAR), ("attention.value", "v", LINEAR),
          ("output.dense", "o", Linear(n_in=2)))
@@ -82,12 +83,12 @@ def _ignore_full(key: str) -> bool:
     return not ours or _ignore_bare(key)
 
 
-def from_hf(path, mesh=None, **overrides) -> QFormer | QFormerHead:
+def hf_source(path, **overrides) -> Source:
     """A `Blip2QFormerModel` folder gives a `QFormer`; a full BLIP-2 checkpoint or our export a `QFormerHead`
     (a BLIP-2 checkpoint has no input or output linear unless `overrides` ask for them, which it must then hold).
     `overrides` set config fields (dtype, remat, ...)."""
     path = Path(path)
-    hf = json.loads((path / "config.json").read_text())
+    hf = read_json(path / "config.json")
     if "qformer_config" in hf:
         cfg = QFormerHeadConfig.from_hf(hf, **overrides)
         model_cls, rules, ignore = QFormerHead, head_rules(cfg), _ignore_full
@@ -95,15 +96,23 @@ def from_hf(path, mesh=None, **overrides) -> QFormer | QFormerHead:
         cfg = QFormerConfig.from_hf(hf, **overrides)
         model_cls, rules, ignore = QFormer, qformer_rules(cfg), _ignore_bare
     abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
-    return load_state(TensorReader(path), rules, abstract, mesh, ignore=ignore)
+    return Source(TensorReader(path), rules, abstract, ignore)
+
+
+def from_hf(path, mesh=None, **overrides) -> QFormer | QFormerHead:
+    """Loads a Q-former or head (see `hf_source`)."""
+    return load_state(hf_source(path, **overrides), mesh)
+
+
+def layout(model: QFormer | QFormerHead) -> Layout:
+    """A `QFormer` is written as a `Blip2QFormerModel` folder; a `QFormerHead` in the full BLIP-2 layout
+    (`qformer.*`, `query_tokens`, `gen_head.*`)."""
+    rules = head_rules(model.cfg) if isinstance(model, QFormerHead) else qformer_rules(model.cfg)
+    return Layout(rules, model.cfg.to_hf())
 
 
 def to_hf(model: QFormer | QFormerHead, path, *, dtype=None, max_shard_bytes: int = 5 * 2**30,
           overwrite: bool = False) -> None:
-    """A `QFormer` becomes a folder `Blip2QFormerModel.from_pretrained` loads strictly; a `QFormerHead` the full
-    BLIP-2 layout (`qformer.*`, `query_tokens`, `gen_head.*`)."""
-    rules = head_rules(model.cfg) if isinstance(model, QFormerHead) else qformer_rules(model.cfg)
-    hf_cfg = model.cfg.to_hf()
-    if dtype is not None:
-        (hf_cfg.get("qformer_config") or hf_cfg)["torch_dtype"] = str(dtype)
-    export_hf(path, hf_cfg, hf_tensors(model, rules, dtype), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    """Writes a folder `Blip2QFormerModel.from_pretrained` (a `QFormer`) or `convert.torch_genllava.TorchHead`
+    (a head) loads strictly."""
+    export_module(model, layout(model), path, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)

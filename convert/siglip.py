@@ -12,15 +12,15 @@ Keys outside the prefix (the text tower, the LLM, the projector) are ignored; in
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from flax import nnx
 
 from genllava_jax.models.siglip import SiglipVision, SiglipVisionConfig
 
-from .common import CONV, COPY, FLAT, LINEAR, ConversionError, Linear, Rule, TensorReader, export_hf, \
-    find_prefix, hf_tensors, load_state, with_prefix
+from .common import CONV, COPY, FLAT, LINEAR, ConversionError, Layout, Linear, Rule, Source, TensorReader, \
+    find_prefix, load_state, read_json, with_prefix
+from .stream import export_module
 
 ANCHOR = "embeddings.patch_embedding.weight"
 L, H = "encoder.layers.{i}.", "head."
@@ -57,15 +57,14 @@ def _ignore(cfg: SiglipVisionConfig, prefix: str):
     return lambda k: not k.startswith(prefix) or (not cfg.use_head and k.startswith(prefix + H))
 
 
-def from_hf(path, mesh=None, *, prefix: str | None = None, hf_config: dict | None = None,
-            **overrides) -> SiglipVision:
-    """Loads the vision tower from a HF folder; `overrides` set config fields (use_head, dtype, remat...).
+def hf_source(path, *, prefix: str | None = None, hf_config: dict | None = None, **overrides) -> Source:
+    """The vision tower of a HF folder matched to our model; `overrides` set config fields (use_head, dtype...).
 
     The config comes from `hf_config` or the folder's config.json (itself a SiglipVisionConfig, or holding one as
     `vision_config`); original LLaVA configs only name their tower, so pass its config as `hf_config` there.
     """
     path = Path(path)
-    hf = hf_config if hf_config is not None else json.loads((path / "config.json").read_text())
+    hf = hf_config if hf_config is not None else read_json(path / "config.json")
     if hf_config is None and hf.get("model_type") != "siglip_vision_model" and "vision_config" not in hf:
         raise ConversionError(f"{path / 'config.json'} has no SigLIP vision config (model_type="
                               f"{hf.get('model_type')!r}); pass hf_config= with the tower's config.json dict")
@@ -73,11 +72,21 @@ def from_hf(path, mesh=None, *, prefix: str | None = None, hf_config: dict | Non
     reader = TensorReader(path)
     prefix = find_prefix(reader.keys(), ANCHOR) if prefix is None else prefix
     abstract = nnx.eval_shape(lambda: SiglipVision(cfg, rngs=nnx.Rngs(0)))
-    return load_state(reader, with_prefix(RULES, prefix), abstract, mesh, ignore=_ignore(cfg, prefix))
+    return Source(reader, with_prefix(RULES, prefix), abstract, _ignore(cfg, prefix))
+
+
+def from_hf(path, mesh=None, *, prefix: str | None = None, hf_config: dict | None = None,
+            **overrides) -> SiglipVision:
+    """Loads the vision tower from a HF folder (see `hf_source`)."""
+    return load_state(hf_source(path, prefix=prefix, hf_config=hf_config, **overrides), mesh)
+
+
+def layout(model: SiglipVision, prefix: str = "") -> Layout:
+    return Layout(with_prefix(RULES, prefix), model.cfg.to_hf())
 
 
 def to_hf(model: SiglipVision, path, *, prefix: str = "", dtype=None, max_shard_bytes: int = 5 * 2**30,
           overwrite: bool = False) -> None:
     """Writes a folder that `SiglipVisionModel.from_pretrained` loads with no missing or unexpected keys."""
-    export_hf(path, model.cfg.to_hf(), hf_tensors(model, with_prefix(RULES, prefix), dtype), dtype=dtype,
-              max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    export_module(model, layout(model, prefix), path, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                  overwrite=overwrite)

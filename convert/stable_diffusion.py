@@ -13,6 +13,7 @@ null conditioning starts from it.
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from genllava_jax.atomic import atomic_write
 
 from . import clip as clip_conv, unet as unet_conv, vae as vae_conv
 from .common import ConversionError
+from .stream import import_hf
 
 NULL_CONDITIONING = "null_conditioning.npy"
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -56,9 +58,9 @@ def clip_null_conditioning(sd_dir) -> np.ndarray | None:
     return encode_prompts(encoder, load_clip_tokenizer(Path(sd_dir) / "tokenizer"), [""])[0]
 
 
-def from_hf_pipeline(sd_dir, out_dir, *, overwrite: bool = False, **overrides) -> None:
-    """Converts `sd_dir` into `out_dir` (see the module docstring)."""
-    from genllava_jax import checkpoint
+def from_hf_pipeline(sd_dir, out_dir, *, dtype: str | None = None, overwrite: bool = False) -> None:
+    """Converts `sd_dir` into `out_dir` (see the module docstring), each part streamed a tensor at a time
+    (`convert.stream.import_hf`) and stored in `dtype` (default: as the pipeline stores it)."""
     from genllava_jax.data.tokenizer import load_clip_tokenizer
 
     sd_dir = Path(sd_dir)
@@ -68,17 +70,16 @@ def from_hf_pipeline(sd_dir, out_dir, *, overwrite: bool = False, **overrides) -
     if not scheduler.exists():
         raise ConversionError(f"{sd_dir}: no scheduler/{SCHEDULER_CONFIG}; is this a diffusers pipeline folder?")
     with atomic_write(out_dir, directory=True, overwrite=overwrite) as tmp:
-        checkpoint.save_module(tmp / "unet", unet_conv.from_hf(sd_dir / "unet", **overrides), "unet")
-        checkpoint.save_module(tmp / "vae", vae_conv.from_hf(sd_dir / "vae", **overrides), "vae")
+        for part, source in (("unet", unet_conv.hf_source), ("vae", vae_conv.hf_source)):
+            import_hf(source, sd_dir / part, tmp / part, part, dtype=dtype)
         shutil.copy(scheduler, tmp / SCHEDULER_CONFIG)
         if has_text_encoder(sd_dir):
-            encoder = clip_conv.from_hf(sd_dir / "text_encoder", towers=("text",), **overrides)
-            checkpoint.save_module(tmp / "text_encoder", encoder, "clip")
+            text_only = functools.partial(clip_conv.hf_source, towers=("text",))
+            import_hf(text_only, sd_dir / "text_encoder", tmp / "text_encoder", "clip", dtype=dtype)
             shutil.copytree(sd_dir / "tokenizer", tmp / "tokenizer")
-            # the null conditioning in float32 whatever the parameter dtype: it initialises a float32 parameter
-            f32 = encoder if encoder.cfg.param_dtype == "float32" else clip_conv.from_hf(
-                sd_dir / "text_encoder", towers=("text",))
-            null = encode_prompts(f32, load_clip_tokenizer(sd_dir / "tokenizer"), [""])[0]
+            # in float32 whatever the stored dtype: it initialises a float32 parameter
+            null = encode_prompts(clip_conv.from_hf(sd_dir / "text_encoder", towers=("text",)),
+                                  load_clip_tokenizer(sd_dir / "tokenizer"), [""])[0]
             np.save(tmp / NULL_CONDITIONING, null)
 
 
@@ -87,11 +88,11 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sd_dir")
     p.add_argument("out_dir")
-    p.add_argument("--dtype", default=None, help="parameter dtype of the output (default: float32)")
+    p.add_argument("--dtype", default=None, help="parameter dtype of the output (default: as stored in SD_DIR)")
     p.add_argument("--overwrite", action="store_true")
     errors.add_verbose(p)
     a = p.parse_args(argv)
-    from_hf_pipeline(a.sd_dir, a.out_dir, overwrite=a.overwrite, **({"param_dtype": a.dtype} if a.dtype else {}))
+    from_hf_pipeline(a.sd_dir, a.out_dir, dtype=a.dtype, overwrite=a.overwrite)
     print(f"wrote {a.out_dir}")
     return 0
 

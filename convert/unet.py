@@ -9,15 +9,17 @@ from its path (with the few renames below), the transform from its layer (conv O
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from flax import nnx
 
 from genllava_jax import errors, layers
+from genllava_jax.models import abstract_model
 from genllava_jax.models.unet import UNet, UNetConfig
 
-from .common import COPY, CONV, FLAT, Linear, Rule, TensorReader, export_hf, hf_tensors, load_state
+from .common import CONV, COPY, FLAT, Layout, Linear, Rule, Source, TensorReader, load_state, read_json
+from .stream import export_module
+
 
 PREFIX = "diffusion_pytorch_model"  # diffusers' weight file name
 # our path component -> diffusers' (torch keeps these in ModuleLists or a Sequential)
@@ -55,15 +57,24 @@ def model_dir(path, sub: str) -> Path:
     return folder
 
 
-def from_hf(path, mesh=None, **overrides) -> UNet:
-    """Loads a diffusers UNet; `overrides` set config fields (dtype, param_dtype, remat)."""
+def hf_source(path, **overrides) -> Source:
+    """A diffusers UNet (a pipeline folder's unet/ or a model folder); `overrides` set config fields (dtype,
+    param_dtype, remat)."""
     folder = model_dir(path, "unet")
-    cfg = UNetConfig.from_hf(json.loads((folder / "config.json").read_text()), **overrides)
-    abstract = nnx.eval_shape(lambda: UNet(cfg, rngs=nnx.Rngs(0)))
-    return load_state(TensorReader(folder, PREFIX), mirror_rules(abstract), abstract, mesh)
+    cfg = UNetConfig.from_hf(read_json(folder / "config.json"), **overrides)
+    abstract = abstract_model(UNet, cfg)
+    return Source(TensorReader(folder, PREFIX), mirror_rules(abstract), abstract)
+
+
+def from_hf(path, mesh=None, **overrides) -> UNet:
+    """Loads a diffusers UNet (see `hf_source`)."""
+    return load_state(hf_source(path, **overrides), mesh)
+
+
+def layout(model: UNet) -> Layout:
+    return Layout(mirror_rules(model), model.cfg.to_hf(), PREFIX)
 
 
 def to_hf(model: UNet, path, *, dtype=None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
     """Writes a folder that `UNet2DConditionModel.from_pretrained` loads with no missing or unexpected keys."""
-    export_hf(path, model.cfg.to_hf(), hf_tensors(model, mirror_rules(model), dtype), prefix=PREFIX,
-              max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    export_module(model, layout(model), path, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)

@@ -9,15 +9,15 @@ attention query/key/value/proj_attn; they are read under the current names, as d
 
 from __future__ import annotations
 
-import json
 import re
 
-from flax import nnx
-
+from genllava_jax.models import abstract_model
 from genllava_jax.models.vae import AutoencoderKL, VAEConfig
 
-from .common import TensorReader, export_hf, hf_tensors, load_state
+from .common import Layout, Source, TensorReader, load_state, read_json
+from .stream import export_module
 from .unet import PREFIX, mirror_rules, model_dir
+
 
 _LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LEGACY_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
@@ -28,16 +28,24 @@ def _current_name(key: str) -> str:
     return f"{m[1]}.{_LEGACY[m[2]]}.{m[3]}" if m else key
 
 
-def from_hf(path, mesh=None, **overrides) -> AutoencoderKL:
-    """Loads a diffusers AutoencoderKL; `overrides` set config fields (dtype, param_dtype)."""
+def hf_source(path, **overrides) -> Source:
+    """A diffusers AutoencoderKL (a pipeline folder's vae/ or a model folder); `overrides` set config fields."""
     folder = model_dir(path, "vae")
-    cfg = VAEConfig.from_hf(json.loads((folder / "config.json").read_text()), **overrides)
-    abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
-    return load_state(TensorReader(folder, PREFIX, rename=_current_name), mirror_rules(abstract), abstract, mesh)
+    cfg = VAEConfig.from_hf(read_json(folder / "config.json"), **overrides)
+    abstract = abstract_model(AutoencoderKL, cfg)
+    return Source(TensorReader(folder, PREFIX, rename=_current_name), mirror_rules(abstract), abstract)
+
+
+def from_hf(path, mesh=None, **overrides) -> AutoencoderKL:
+    """Loads a diffusers AutoencoderKL (see `hf_source`)."""
+    return load_state(hf_source(path, **overrides), mesh)
+
+
+def layout(model: AutoencoderKL) -> Layout:
+    return Layout(mirror_rules(model), model.cfg.to_hf(), PREFIX)
 
 
 def to_hf(model: AutoencoderKL, path, *, dtype=None, max_shard_bytes: int = 5 * 2**30,
           overwrite: bool = False) -> None:
     """Writes a folder that `AutoencoderKL.from_pretrained` loads with no missing or unexpected keys."""
-    export_hf(path, model.cfg.to_hf(), hf_tensors(model, mirror_rules(model), dtype), prefix=PREFIX,
-              max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    export_module(model, layout(model), path, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)

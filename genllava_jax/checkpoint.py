@@ -23,26 +23,40 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from genllava_jax import errors
+from genllava_jax import errors, param_store
 from genllava_jax import sharding as shd
 from genllava_jax.atomic import atomic_write
-from genllava_jax.models import lookup
+from genllava_jax.models import abstract_model, lookup
 
 
 def save_module(path, module: nnx.Module, part: str, overwrite: bool = False) -> None:
     """Writes `path/config.json` and `path/params` atomically (a temporary directory renamed into place)."""
     with atomic_write(path, directory=True, overwrite=overwrite) as tmp:
-        cfg = dataclasses.asdict(module.cfg)
-        (tmp / "config.json").write_text(json.dumps({"part": part, "config": cfg}, indent=2))
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save((tmp / "params").absolute(), nnx.state(module, nnx.Param))
+        write_config(tmp, part, module.cfg)
+        state = nnx.state(module, nnx.Param)
+        with ocp.StandardCheckpointer() as ckptr:  # stacked layers chunked one apiece: an export reads them singly
+            ckptr.save((tmp / "params").absolute(), state, save_args=param_store.save_args(state))
             ckptr.wait_until_finished()
 
 
+def write_config(folder, part: str, cfg) -> None:
+    """`folder/config.json`: the part's name and its config (what `read_config` rebuilds the model from)."""
+    (Path(folder) / "config.json").write_text(json.dumps({"part": part, "config": dataclasses.asdict(cfg)}, indent=2))
+
+
 def read_config(path):
-    meta = json.loads((Path(path) / "config.json").read_text())
-    cfg_cls, model_cls = lookup(meta["part"])
-    return meta["part"], cfg_cls(**meta["config"]), model_cls
+    """(part name, config, model class) of one of our part checkpoints; a missing or foreign config.json is an error
+    naming it."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise errors.MissingFile(f"{file}: not found; {path} is not one of our checkpoints (python -m convert writes "
+                                 f"them)")
+    try:
+        meta = json.loads(file.read_text())
+        cfg_cls, model_cls = lookup(meta["part"])
+        return meta["part"], cfg_cls(**meta["config"]), model_cls
+    except (ValueError, KeyError, TypeError) as e:
+        raise errors.BadValue(f"{file}: not one of our checkpoints' configs ({type(e).__name__}: {e})") from e
 
 
 def load_module(path, mesh=None, rules=None, **overrides) -> nnx.Module:
@@ -51,7 +65,7 @@ def load_module(path, mesh=None, rules=None, **overrides) -> nnx.Module:
     cfg = dataclasses.replace(cfg, **overrides)
     if mesh is None:
         mesh = shd.make_mesh({"data": 1}, jax.local_devices()[:1])
-    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(model_cls, cfg)
     graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
     shardings = shd.state_shardings(abs_params, mesh, rules)
     target = shd.with_shardings(abs_params, shardings)

@@ -249,7 +249,13 @@ def init_parts(model, init_cfg, mesh) -> None:
                                       f"{var.get_value().shape}")
             var.set_value(jax.device_put(value.astype(var.get_value().dtype), var.get_value().sharding))
             continue
-        loaded = checkpoint.load_module(path, mesh)
+        # restored in the model's parameter dtype (a converted checkpoint keeps its source's, e.g. bfloat16)
+        loaded = checkpoint.load_module(path, mesh, param_dtype=getattr(model, part).cfg.param_dtype)
+        if type(loaded) is not type(getattr(model, part)):
+            raise errors.BadValue(f"init.{part}={path}: holds a {type(loaded).__name__}, but the model's {part} is "
+                                  f"a {type(getattr(model, part)).__name__}")
+        if part == "unet" and loaded.cfg.in_channels < model.unet.cfg.in_channels:
+            loaded = _widen_unet(loaded, model.unet.cfg.in_channels, path)
         target = dict(nnx.to_flat_state(nnx.state(getattr(model, part), nnx.Param)))
         new = nnx.state(loaded, nnx.Param)
         flat = dict(nnx.to_flat_state(new))
@@ -262,6 +268,16 @@ def init_parts(model, init_cfg, mesh) -> None:
                 raise errors.BadValue(f"init.{part}={path}: parameter {'/'.join(map(str, p))} has shape "
                                       f"{flat[p].get_value().shape}, the model needs {a.get_value().shape}")
         nnx.update(getattr(model, part), new)
+
+
+def _widen_unet(unet, in_channels: int, path):
+    """A pretrained text-to-image UNet for edit_mode="latent_concat": InstructPix2Pix's recipe, conv_in widened to
+    take the source latents through new input channels that start at zero (so it first behaves as pretrained)."""
+    from genllava_jax.models.unet import widen_conv_in
+
+    print(f"init.unet={path}: conv_in widened from {unet.cfg.in_channels} to {in_channels} input channels "
+          f"(the new ones zero, as InstructPix2Pix)")
+    return widen_conv_in(unet, in_channels - unet.cfg.in_channels)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """genllava_jax.atomic.atomic_write: the one write-to-temp-then-rename helper (files and folders)."""
 
+import os
+
 import pytest
 
 from genllava_jax.atomic import atomic_write
@@ -33,3 +35,32 @@ def test_a_folder_replaces_the_old_one_only_when_finished(tmp_path):
     with atomic_write(out, directory=True) as tmp:
         (tmp / "y").write_text("2")
     assert [p.name for p in out.iterdir()] == ["y"] and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_what_a_killed_run_left_is_cleaned_by_the_next_write(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process id that has exited
+    host = socket.gethostname()
+    out = tmp_path / "a.json"
+    (tmp_path / f".a.json.tmp-{dead}@{host}-1234abcd").write_text("half")  # a file write killed midway
+    (tmp_path / f".a.json.tmp-{os.getpid()}@{host}-5678abcd").write_text("mine")  # a running writer's
+    with atomic_write(out) as tmp:
+        tmp.write_text("whole")
+    err = capsys.readouterr().err
+    assert f".a.json.tmp-{dead}@{host}-1234abcd: removed, left by a killed run (process {dead})" in err
+    assert "left alone" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".a.json.tmp-{os.getpid()}@{host}-5678abcd", "a.json"]
+
+    # a folder replace killed between its two renames: the old folder is put back, then replaced as asked
+    ckpt = tmp_path / "ckpt"
+    old = tmp_path / f".ckpt.old-{dead}@{host}-zz"
+    old.mkdir()
+    (old / "x").write_text("1")
+    with pytest.raises(FileExistsError):
+        with atomic_write(ckpt, directory=True, overwrite=False):
+            pass
+    assert (ckpt / "x").read_text() == "1" and not old.exists()

@@ -151,6 +151,53 @@ def test_latent_concat_editing_mode_feeds_source_latents_to_an_8_channel_unet(bu
     assert loss.shape == () and metrics["mse"].shape == ()
 
 
+@pytest.mark.slow
+def test_latent_concat_training_starts_from_a_converted_sd_unet(data_dir, tmp_path):
+    """init.unet from a text-to-image UNet converted with `python -m convert unet` widens conv_in to 8 channels (new
+    ones zero: it starts as pretrained) and trains; an InstructPix2Pix UNet (8 channels already) loads as it is."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from convert.__main__ import main as convert_cli
+    from genllava_jax import checkpoint
+    from genllava_jax.data.tokenizer import load_tokenizer
+
+    c = micro_config(data_dir)
+    c.model.update(edit_mode="latent_concat", diffusion_rows=0)
+    c.model.unet.in_channels = 8
+    cfg = train.model_config(c, load_tokenizer(c.data.tokenizer, c.data.num_img_tokens))
+    for channels in (8, 4):
+        torch.manual_seed(channels)
+        hf = UNet2DConditionModel.from_config(cfg.unet.replace(in_channels=channels).to_hf())
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.add_(0.1 * torch.randn_like(p))  # diffusers zero-initialises conv_out: make every tensor count
+        hf.save_pretrained(str(tmp_path / f"hf{channels}"))
+        assert convert_cli(["unet", "--from-hf", str(tmp_path / f"hf{channels}"),
+                            "--out", str(tmp_path / f"unet{channels}")]) == 0
+        c.init = dict(unet=str(tmp_path / f"unet{channels}"))
+        _, model, tokenizer, mesh = train.build(c, single_mesh())
+        ours = checkpoint.load_module(tmp_path / f"unet{channels}")
+        kernel = np.asarray(model.unet.conv_in.kernel.get_value())
+        assert kernel.shape[2] == 8
+        np.testing.assert_array_equal(kernel[:, :, :channels], np.asarray(ours.conv_in.kernel.get_value()))
+        assert not kernel[:, :, channels:].any()  # widened: the source-latent channels start at zero
+        np.testing.assert_array_equal(np.asarray(model.unet.conv_out.kernel.get_value()),
+                                      np.asarray(ours.conv_out.kernel.get_value()))
+
+    # the widened one (built last) trains: editing rows reach the new channels through the source latents
+    state, s = train.setup(model, c.train, mesh)
+    step = train.jit_train_step(s)
+    batch = fixed_batch(c, tokenizer, n=16)
+    assert (batch["has_target"] & (np.abs(batch["source_image"]).reshape(16, -1).sum(1) > 0)).any()
+    with jax.set_mesh(mesh):
+        for _ in range(2):
+            state, metrics = step(state, s.frozen, train.to_global(batch, s))
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["mse"]) > 0
+    new = np.asarray(state["params"]["unet"]["conv_in"]["kernel"].get_value())[:, :, 4:]
+    assert np.abs(new).sum() > 0
+
+
 def test_diffusion_repeats_equal_duplicatedmetric_rows(built):
     """repeats=2 gives the loss of a batch whose rows are each duplicated (same noise draws, no condition dropout)."""
     c, cfg, tokenizer, fresh = built

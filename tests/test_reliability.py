@@ -650,18 +650,20 @@ def test_bin_pickles_load_only_plain_tensors(projector_hf, tmp_path):
 
 
 def test_failed_export_leaves_nothing_behind_and_keeps_the_old_output(projector_hf, tmp_path):
-    from convert.common import export_hf
+    from convert.common import Layout
+    from convert.stream import Tensor, write_hf
 
-    def tensors():
-        yield "a", np.zeros(3, np.float32)
+    def fail():
         raise RuntimeError("disk full")
 
+    tensors = [Tensor("a", (3,), np.dtype(np.float32), lambda: np.zeros(3, np.float32)),
+               Tensor("b", (3,), np.dtype(np.float32), fail)]
     with pytest.raises(RuntimeError, match="disk full"):
-        export_hf(tmp_path / "out", {"x": 1}, tensors())
+        write_hf(tmp_path / "out", Layout((), {"x": 1}), tensors, "float32")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no out, no temporary folder
     _, _, path = projector_hf
     before = {p.name: p.read_bytes() for p in path.iterdir()}
     with pytest.raises(RuntimeError, match="disk full"):
-        export_hf(path, {"x": 1}, tensors(), overwrite=True)
+        write_hf(path, Layout((), {"x": 1}), tensors, "float32", overwrite=True)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
