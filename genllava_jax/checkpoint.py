@@ -3,17 +3,25 @@
 Restoring builds the model abstractly (`nnx.eval_shape`), gives every parameter the sharding the rules assign on
 the requested mesh, and lets orbax read each shard straight onto its devices.
 
-Training checkpoints (train state + frozen params + data iterator) carry a checksum of every array in their
-metadata, and are never written with a non-finite value. Restoring takes the newest step that reads back whole
-and matches its checksums; a partial or corrupt step (unfinished save, missing metadata, truncated or deleted
-array file, changed bytes) is reported by step and problem and moved aside to `corrupt_checkpoints/`.
+Training checkpoints (train state + frozen params + data iterator) carry in their metadata a checksum of every
+array and of each process's data-iterator state, and are never written with a non-finite value. Restoring takes the
+newest step that reads back whole and whose restored arrays and iterator state match those checksums, so a change to
+any file a restore reads either fails the read or is caught, unless it changes nothing restored; a partial or
+corrupt step (unfinished save, missing metadata, truncated or deleted file, changed bytes) is reported by step and
+problem in one line and moved aside to `corrupt_checkpoints/`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+import hashlib
 import json
+import logging
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -90,7 +98,12 @@ def train_manager(directory, save_every: int, keep: int, log=print) -> ocp.Check
             shutil.rmtree(tmp)
     options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
                                            enable_async_checkpointing=True, create=True)
-    return ocp.CheckpointManager(directory, options=options)
+    quiet, logger = _HoldOrbaxLogs("_CHECKPOINT_METADATA"), logging.getLogger("absl")
+    logger.addFilter(quiet)  # a missing or unreadable one: restore_latest reports that step and moves it aside
+    try:
+        return ocp.CheckpointManager(directory, options=options)
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _leaf_paths(tree) -> list[str]:
@@ -125,6 +138,21 @@ def fingerprint(tree) -> tuple[dict[str, int], list[str]]:
     return {p: int(c) for p, (c, _) in zip(paths, out)}, [p for p, (_, ok) in zip(paths, out) if not ok]
 
 
+def data_checksum(data_iter) -> int:
+    """A checksum of a data iterator's state (what grain saves as JSON), independent of key order."""
+    text = json.dumps(data_iter.get_state(), sort_keys=True)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")  # 56 bits: exact in JSON and int64
+
+
+def _all_processes(value: int) -> list[int]:
+    """Every process's value (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in multihost_utils.process_allgather(np.int64(value))]
+
+
 def save_train(mngr: ocp.CheckpointManager, step: int, state, frozen, data_iter, force: bool = False) -> bool:
     """Saves (asynchronously) if the step is due or `force`; refuses non-finite values (FloatingPointError)."""
     import grain
@@ -135,9 +163,10 @@ def save_train(mngr: ocp.CheckpointManager, step: int, state, frozen, data_iter,
     if non_finite:
         raise FloatingPointError(f"step {step}: non-finite values in {non_finite[:5]}: not saving this checkpoint "
                                  f"(the newest saved is step {mngr.latest_step()})")
+    data = _all_processes(data_checksum(data_iter))  # each process saves its own iterator state
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), frozen=ocp.args.StandardSave(frozen),
                               data=grain.checkpoint.CheckpointSave(data_iter))
-    return mngr.save(step, args=args, force=force, custom_metadata={"checksums": checksums})
+    return mngr.save(step, args=args, force=force, custom_metadata={"checksums": checksums, "data_checksums": data})
 
 
 def restore_train(mngr: ocp.CheckpointManager, step: int, state_target, frozen_target, data_iter):
@@ -151,19 +180,61 @@ def restore_train(mngr: ocp.CheckpointManager, step: int, state_target, frozen_t
     return out["state"], out["frozen"]
 
 
+class _HoldOrbaxLogs(logging.Filter):
+    """Holds orbax's log records (those `about` a text, if given): faults we report in one line of our own would
+    otherwise be logged a second time, some with a traceback."""
+
+    def __init__(self, about: str = ""):
+        super().__init__()
+        self.held, self.about = [], about
+
+    def filter(self, record):
+        if f"{os.sep}orbax{os.sep}" in record.pathname and self.about in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _trying_a_step():
+    """Quiet while a checkpoint is tried: orbax reads arrays in concurrent coroutines, and when one read fails Python
+    prints each sibling's error as "Exception ignored in <coroutine ...>" with a traceback; orbax logs its own
+    errors too. Yields a list to append to if the try failed; otherwise the held logs are passed on."""
+    failed, hook, hold, logger = [], sys.unraisablehook, _HoldOrbaxLogs(), logging.getLogger("absl")
+    sys.unraisablehook = lambda unraisable: None
+    logger.addFilter(hold)
+    try:
+        yield failed
+    finally:
+        gc.collect()  # finalise the failed coroutines now, while their errors are silenced
+        sys.unraisablehook = hook
+        logger.removeFilter(hold)
+        for record in hold.held if not failed else ():
+            logger.handle(record)
+
+
+def _read_error(e: Exception) -> str:
+    text = str(e).split(" See full TensorStore details")[0]  # the rest is a multi-line spec dump
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 def _check_step(mngr, step, state_target, frozen_target, data_iter, log):
     """((state, frozen), None) if the step reads back whole and matches its checksums, else (None, the problem)."""
     meta = mngr.directory / str(step) / "_CHECKPOINT_METADATA"  # written last, when the save is finalised
     if not meta.exists():
         return None, "its _CHECKPOINT_METADATA file is missing"
     try:
-        saved = (json.loads(meta.read_text()).get("custom_metadata") or {}).get("checksums")
+        custom = json.loads(meta.read_text()).get("custom_metadata") or {}
+        saved, saved_data = custom.get("checksums"), custom.get("data_checksums")
     except (ValueError, AttributeError) as e:
         return None, f"its _CHECKPOINT_METADATA file is unreadable ({e})"
-    try:
-        state, frozen = restore_train(mngr, step, state_target, frozen_target, data_iter)
-    except Exception as e:  # orbax / tensorstore / json raise many kinds for missing or truncated files
-        return None, f"it cannot be read: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    with _trying_a_step() as failed:
+        try:
+            state, frozen = restore_train(mngr, step, state_target, frozen_target, data_iter)
+        except Exception as e:  # orbax / tensorstore / json raise many kinds for missing or truncated files
+            failed.append(f"it cannot be read: {_read_error(e)}")
+    if failed:
+        return None, failed[0]
     if saved is None:
         log(f"checkpoint step {step} was saved without checksums; restored unverified")
         return (state, frozen), None
@@ -172,6 +243,13 @@ def _check_step(mngr, step, state_target, frozen_target, data_iter, log):
     if changed:
         return None, (f"checksum mismatch in {len(changed)} arrays, e.g. {changed[:3]} (the files changed after the "
                       f"save)")
+    if saved_data is None:
+        log(f"checkpoint step {step} was saved without a data-iterator checksum; its iterator state is unverified")
+    elif len(saved_data) != jax.process_count():
+        return None, f"its data iterator states are of {len(saved_data)} processes, this run has {jax.process_count()}"
+    elif saved_data[jax.process_index()] != data_checksum(data_iter):
+        return None, (f"checksum mismatch in the data iterator state of process {jax.process_index()} "
+                      f"(data/process_{jax.process_index()}-of-{jax.process_count()}.json changed after the save)")
     return (state, frozen), None
 
 

@@ -55,7 +55,7 @@ def evaluate(model, tokenizer, c, eval_path: Path, num_per_task: int, sample_ste
     encoder = Encoder(tokenizer, ids, eval_path.parent, c.data.max_len, c.data.image_size, c.data.num_patches,
                       c.data.target_image_size, c.data.on_too_long)
     by_task: dict[str, list] = {"i2t": [], "t2i": [], "edit": []}
-    for raw in map(as_dict, read_records(eval_path)):
+    for raw in (as_dict(line) for _, line in read_records(eval_path)):
         if raw.get("task") in by_task and len(by_task[raw["task"]]) < num_per_task:
             by_task[raw["task"]].append(raw)
     stack = lambda rows: {k: np.stack([encoder(r)[k] for r in rows]) for k in encoder.blank()}
@@ -112,7 +112,8 @@ def reconstruction_accuracy(vae, eval_path: Path, size: int) -> float:
     from genllava_jax.data.records import as_dict, read_records
     from genllava_jax.vae_fit import load_images
 
-    names = sorted({r["target_image"] for r in map(as_dict, read_records(eval_path)) if r.get("target_image")})
+    records = [as_dict(raw) for _, raw in read_records(eval_path)]
+    names = sorted({r["target_image"] for r in records if r.get("target_image")})
     x = load_images(eval_path.parent, size, only=names)
     rec = np.asarray(jax.jit(lambda x: vae.decode(vae.encode(x)[0]))(x))
     rec = ((rec + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
@@ -205,7 +206,7 @@ def talk(model, tokenizer, c, eval_path: Path, work: Path) -> None:
 
     assistant = infer.Assistant(model, tokenizer, c.data, length_buckets=(c.data.max_len,))
     settings = infer.Settings(max_new_tokens=12, num_steps=FLAGS.sample_steps, guidance_scale=c.sample.guidance_scale)
-    record = next(r for r in map(as_dict, read_records(eval_path)) if r.get("task") == "edit")
+    record = next(r for r in (as_dict(raw) for _, raw in read_records(eval_path)) if r.get("task") == "edit")
     image = cli.open_image(eval_path.parent / record["image"])
     print(f"[5/5] the assistant (genllava-chat / -generate / -edit --workdir={work / 'train'}):")
     print(f"  chat about {record['image']}:")

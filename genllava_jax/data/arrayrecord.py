@@ -19,7 +19,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from genllava_jax import errors
 from genllava_jax.atomic import atomic_write
-from genllava_jax.data.records import BadRecord, as_dict, load_image, parse, read_records
+from genllava_jax.data.records import BadRecord, as_dict, load_image, log_skip, parse, read_records, where
 
 IMAGE_KEYS = ("image", "target_image")
 
@@ -31,8 +31,15 @@ def pack(record: dict) -> bytes:
 def unpack(data: bytes) -> dict:
     try:
         return msgpack.unpackb(data, raw=False)
-    except (ValueError, msgpack.UnpackException) as e:
-        raise BadRecord("malformed", f"not a msgpack record: {e}") from None
+    except UnicodeDecodeError as e:
+        raise BadRecord("not_utf8", f"a msgpack string: {e}") from None
+    except Exception as e:  # msgpack raises ValueError, FormatError, StackError, ExtraData, ... on arbitrary bytes
+        raise BadRecord("malformed", f"not a msgpack record: {type(e).__name__}: {e}") from None
+
+
+def indexed(index: int, data: bytes) -> tuple[int, bytes]:
+    """(position, raw) as the pipeline's sources give them (a plain function: grain workers pickle it)."""
+    return index, data
 
 
 def open_source(path: str | Path) -> grain.sources.ArrayRecordDataSource:
@@ -59,12 +66,15 @@ def write(src: str | Path, out: str | Path) -> collections.Counter:
     with atomic_write(out) as tmp:  # a crash never leaves a half-written file under the final name
         writer = ArrayRecordWriter(str(tmp), "group_size:1")  # group_size 1: each record readable on its own
         try:
-            for raw in raws:
+            for position, raw in raws:
                 try:
                     writer.write(pack(embed(raw, base_dir)))
                     counts["written"] += 1
-                except BadRecord as e:
-                    counts[e.reason] += 1
+                except Exception as e:  # a record's fault (BadRecord, or an integer msgpack cannot hold) is a skip
+                    bad = isinstance(e, BadRecord)
+                    reason = e.reason if bad else "encode_error"
+                    log_skip(where(src, position), reason, e.detail if bad else f"{type(e).__name__}: {e}")
+                    counts[reason] += 1
         finally:
             writer.close()
     return counts

@@ -1,11 +1,11 @@
 """Image preprocessing equal to `transformers.SiglipImageProcessor` and `CLIPImageProcessor` (their PIL backend, the
 one transformers uses without torchvision), NHWC for our towers.
 
-RGB conversion (transparency composited onto white, as HF does; grey, palette, CMYK and 16-bit modes through PIL),
-resize with PIL's filter (to the model size, or CLIP's: the short side to `shortest_edge`, the long one scaled and
-floored), CLIP's centre crop (zero-padded where the image is smaller), rescale by 1/255 in float64 then float32,
-normalise in float32: the same operations in the same order, so the result is bit-identical to HF's
-`pixel_values` transposed to (H, W, 3).
+RGB conversion (transparency composited onto white, as HF does; grey, palette and CMYK through PIL; 16-bit grey
+scaled to 8 bits, see `to_rgb`), resize with PIL's filter (to the model size, or CLIP's: the short side to
+`shortest_edge`, the long one scaled and floored), CLIP's centre crop (zero-padded where the image is smaller),
+rescale by 1/255 in float64 then float32, normalise in float32: the same operations in the same order, so the result
+is bit-identical to HF's `pixel_values` transposed to (H, W, 3).
 """
 
 from __future__ import annotations
@@ -68,9 +68,22 @@ def clip_image_config(hf: dict[str, Any] | None = None) -> ImageConfig:
 
 
 def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
-    """An RGB PIL image; transparent pixels (alpha band or palette transparency) become white."""
+    """An RGB PIL image; transparent pixels (alpha band or palette transparency) become white.
+
+    16-bit grey (modes I;16*, and I read from a PNG, which has no 32-bit grey) is scaled to 8 bits (PIL's own
+    conversion clips it to white). 32-bit integer or float grey (I, F) has no range to scale from: values in
+    [0, 255] are taken as they are, others raise ValueError (a skip, `bad_image_mode`).
+    """
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        grey = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.round(grey / 257).clip(0, 255).astype(np.uint8))
+    elif image.mode in ("I", "F"):
+        grey = np.asarray(image)
+        if grey.size and not (np.isfinite(grey).all() and grey.min() >= 0 and grey.max() <= 255):
+            raise ValueError(f"{image.mode} (32-bit) values in [{grey.min()}, {grey.max()}]: no known range to "
+                             f"scale to 8 bits; save it as 8- or 16-bit")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")

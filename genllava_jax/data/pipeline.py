@@ -37,7 +37,8 @@ from genllava_jax import errors
 from genllava_jax.constants import IGNORE
 from genllava_jax.data import arrayrecord
 from genllava_jax.data.image import ImageConfig, preprocess, to_rgb
-from genllava_jax.data.records import REASONS, TASKS, BadRecord, Record, load_image, parse, read_records
+from genllava_jax.data.records import (REASONS, TASKS, BadRecord, Record, load_image, log_skip, parse, read_records,
+                                       where)
 from genllava_jax.data.template import GENERATES, TASK_TOKEN, encode_conversation
 from genllava_jax.data.tokenizer import SpecialIds, clip_tokens, load_clip_tokenizer
 
@@ -89,17 +90,25 @@ class Encoder:
     max_pixels: int | None = None
     caption_tokenizer: Any = None  # a CLIP tokenizer: rows get caption_ids / has_caption
     caption_len: int = 77
+    source: str = ""  # the data file, named in the log of skips
+    packed: bool = False  # raw bytes are msgpack (ArrayRecord entries), else a JSON line
 
-    def __call__(self, raw) -> dict:
+    def __call__(self, item) -> dict:
+        """item: (position, raw record) as the pipeline's sources give them, or a raw record."""
+        position, raw = item if isinstance(item, tuple) else (None, item)
         try:
             ex, fixes = self.encode(raw)
             return {**ex, "_fixed": fixes}
-        except BadRecord as e:
-            return {"skip": e.reason}
+        except Exception as e:  # anything a record raises is a skip counted by reason, never the end of the run
+            bad = isinstance(e, BadRecord)
+            reason = e.reason if bad else "encode_error"
+            log_skip(where(self.source, position) if position is not None else f"a record of {self.source}", reason,
+                     e.detail if bad else f"{type(e).__name__}: {e}")
+            return {"skip": reason}
 
     def encode(self, raw) -> tuple[dict, list[str]]:
         """(example, what was fixed in it); BadRecord if it must be skipped."""
-        if isinstance(raw, bytes):
+        if isinstance(raw, bytes) and self.packed:
             raw = arrayrecord.unpack(raw)
         return self.example(parse(raw, self.base_dir, self.root))
 
@@ -311,9 +320,14 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, tokenizer, *, global_batch
     caption_tok = load_clip_tokenizer(caption_dir) if caption_dir else None
     encoder, parts, weights, num_records = None, [], [], {}
     for k, (path, weight) in enumerate(sources(data_cfg.path)):
-        raw = arrayrecord.open_source(path) if path.endswith(".arrayrecord") else read_records(path)
+        if path.endswith(".arrayrecord"):
+            raw = arrayrecord.open_source(path)
+            ds = grain.MapDataset.source(raw).map_with_index(arrayrecord.indexed)  # (position, raw) as the others
+        else:
+            raw = read_records(path)
+            ds = grain.MapDataset.source(raw)
         num_records[path] = len(raw)
-        ds = grain.MapDataset.source(raw)[index::count]
+        ds = ds[index::count]
         if not len(ds):
             raise errors.BadValue(f"{path}: no records for process {index} of {count}")
         if train:
@@ -321,7 +335,8 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, tokenizer, *, global_batch
         encoder = Encoder(tokenizer, ids, Path(path).parent, data_cfg.max_len, data_cfg.image_size,
                           data_cfg.num_patches, data_cfg.target_image_size, data_cfg.on_too_long,
                           Path(image_root).resolve() if image_root else None, data_cfg.get("max_image_pixels"),
-                          caption_tok, data_cfg.get("caption_max_len", 77))
+                          caption_tok, data_cfg.get("caption_max_len", 77), path,
+                          packed=path.endswith(".arrayrecord"))
         parts.append(ds.map(encoder))
         weights.append(weight)
     ds = grain.MapDataset.mix(parts, weights) if train else grain.MapDataset.concatenate(parts)

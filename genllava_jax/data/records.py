@@ -3,20 +3,26 @@
     {"id": "...", "task": "edit", "image": "images/a.png", "target_image": "images/b.png", "caption": "...",
      "conversations": [{"from": "human", "value": "<image>\\nMake it green."}, {"from": "gpt", "value": ""}]}
 
-A data file is a JSON list of such records or JSONL (one a line); image paths are relative to the file's folder
-and must stay inside the data root (that folder unless given): `../..`, absolute paths and symlinks leading out
-are refused. Roles: human/user, gpt/assistant, and an optional leading system turn (prefixed to the first user
-turn, as Mistral has no system role). A missing `task` is inferred from the images present.
+A data file is a JSON list of such records or JSONL (one a line, UTF-8, split at "\n" only: a U+2028 or U+0085 inside
+a string is no line break; CRLF and a BOM are fine; a line that does not decode or parse is one skip). Image paths
+are relative to the file's folder and must stay inside the data root (that folder unless given): `../..`, absolute
+paths and symlinks leading out are refused. Roles: human/user, gpt/assistant, and an optional leading system turn
+(prefixed to the first user turn, as Mistral has no system role). A missing `task` is inferred from the images
+present.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import json
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
+from absl import logging
 from PIL import Image
 
 from genllava_jax import errors
@@ -26,8 +32,10 @@ from genllava_jax.data.tokenizer import IMAGE
 TASKS = ("text", "i2t", "t2i", "edit")  # index = the `task` id in batches
 USER, ASSISTANT = ("human", "user"), ("gpt", "assistant")
 # Why a record is skipped: the keys it is counted under (a fixed list, so hosts can sum their counts).
-REASONS = ("malformed", "no_assistant", "bad_turns", "bad_task", "too_many_images", "special_token_in_text",
-           "missing_image", "path_escape", "corrupt_image", "bad_image_mode", "image_too_large", "too_long")
+# "encode_error": anything else a record raised (named in the log: a case the checks above should catch).
+REASONS = ("malformed", "not_utf8", "no_assistant", "bad_turns", "bad_task", "too_many_images", "special_token_in_text",
+           "missing_image", "path_escape", "corrupt_image", "bad_image_mode", "image_too_large", "too_long",
+           "encode_error")
 
 
 class BadRecord(ValueError):
@@ -37,7 +45,7 @@ class BadRecord(ValueError):
         if reason not in REASONS:
             raise ValueError(f"BadRecord reason {reason!r} is not one of {REASONS}")
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,17 +58,62 @@ class Record:
     meta: Any = None
 
 
-def read_records(path: str | Path) -> list[str | dict]:
-    """The raw records of a .json or .jsonl file: dicts, or JSONL lines parsed later (so a bad line is one skip)."""
+class Lines:
+    """A JSONL file's non-blank lines as bytes (decoded and parsed later, so a bad line is one skip); item i is
+    (its line number, the line)."""
+
+    def __init__(self, path: str | Path):
+        lines = Path(path).read_bytes().removeprefix(BOM).split(b"\n")
+        self.numbers = np.array([n for n, line in enumerate(lines, 1) if line.strip()], np.int64)
+        self.lines = [lines[n - 1].removesuffix(b"\r") for n in self.numbers]
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, i: int) -> tuple[int, bytes]:
+        return int(self.numbers[i]), self.lines[i]
+
+
+BOM = "\ufeff".encode()
+
+
+def read_records(path: str | Path) -> Sequence[tuple[int, Any]]:
+    """(position, raw record) pairs of a data file: (line number, the line's bytes) for .jsonl (`Lines`), (index,
+    the record) for a .json list. Positions name a record in messages (`where`)."""
     path = Path(path)
     if not path.is_file():
         raise errors.MissingFile(f"data file {str(path)!r} does not exist")
     if path.suffix == ".jsonl":
-        return [line for line in path.read_text().splitlines() if line.strip()]
-    records = json.loads(path.read_text())
+        return Lines(path)
+    try:
+        records = json.loads(path.read_bytes().removeprefix(BOM).decode())
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep, a 5000-digit number
+        raise errors.BadValue(f"{path}: not a JSON list of records ({type(e).__name__}: {str(e)[:200]}); fix it, "
+                              f"or write it as JSONL (one record a line), where a bad record is skipped alone") \
+            from None
     if not isinstance(records, list):
         raise errors.BadValue(f"{path}: a .json data file holds a list of records, got {type(records).__name__}")
-    return records
+    return list(enumerate(records))
+
+
+LOG_FIRST = 3  # skips logged per reason and process; the rest are only counted
+_logged: collections.Counter = collections.Counter()
+_log_lock = threading.Lock()
+
+
+def log_skip(place: str, reason: str, detail: str) -> None:
+    """One log line for each of the first LOG_FIRST skips of a reason in this process."""
+    with _log_lock:
+        _logged[reason] += 1
+        n = _logged[reason]
+    if n <= LOG_FIRST:
+        more = f" (later {reason!r} skips are only counted)" if n == LOG_FIRST else ""
+        logging.warning("data: skipped %s: %s: %s%s", place, reason, detail[:300], more)
+
+
+def where(path: str | Path, position: int) -> str:
+    """How a message names a record: `data.jsonl line 17` (1-based, as editors count), else `data.json record 3`."""
+    return f"{path} {'line' if str(path).endswith('.jsonl') else 'record'} {position}"
 
 
 def _image_ref(value, base_dir: Path | None, root: Path | None):
@@ -103,19 +156,25 @@ def _turns(conversations) -> tuple[tuple[str, str], ...]:
     return tuple((u, a) for (_, u), (_, a) in zip(users, answers))
 
 
-def as_dict(raw: str | dict) -> dict:
-    """A raw record (a dict or a JSON line) as a dict."""
+def as_dict(raw: bytes | str | dict) -> dict:
+    """A raw record (a dict, or a JSON line as bytes or text) as a dict."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode().removeprefix("\ufeff")
+        except UnicodeDecodeError as e:
+            raise BadRecord("not_utf8", f"{e.reason} at byte {e.start}: {raw[max(0, e.start - 20):e.start + 20]!r}") \
+                from None
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise BadRecord("malformed", str(e)) from None
+        except (ValueError, RecursionError) as e:  # bad JSON, nesting too deep, an integer over 4300 digits
+            raise BadRecord("malformed", f"{type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(raw, dict):
         raise BadRecord("malformed", f"a record is a JSON object, got {type(raw).__name__}")
     return raw
 
 
-def parse(raw: str | dict, base_dir: Path | None = None, root: Path | None = None) -> Record:
+def parse(raw: bytes | str | dict, base_dir: Path | None = None, root: Path | None = None) -> Record:
     """A Record from a dict or a JSON line; raises BadRecord (with a reason) for anything the pipeline must skip.
 
     Image paths are taken relative to `base_dir` and must resolve inside `root` (default: `base_dir`).
