@@ -54,3 +54,53 @@ def built(data_dir):
     cfg, model, tokenizer, _ = train.build(c, single_mesh())
     graphdef, state = nnx.split(model)
     return c, cfg, tokenizer, lambda: nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad data (tests/test_reliability.py, tests/test_bad_input.py)
+
+
+@pytest.fixture(scope="module")
+def tok(data_dir):
+    from genllava_jax.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(data_dir / "tokenizer", 4)
+
+
+@pytest.fixture(scope="module")
+def root(data_dir, tmp_path_factory):
+    """A data root full of bad images (and a few good ones in odd modes), plus files and links outside it."""
+    import numpy as np
+    from PIL import Image
+
+    top = tmp_path_factory.mktemp("bad_data")
+    root = top / "data"
+    root.mkdir()
+    good = next((data_dir / "images").iterdir())
+    png = good.read_bytes()
+    (root / "good.png").write_bytes(png)
+    (top / "outside.png").write_bytes(png)
+    (root / "truncated.png").write_bytes(png[:len(png) // 2])
+    (root / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (root / "folder.png").mkdir()
+    os.mkfifo(root / "fifo.png")  # opening it would block forever
+    (root / "bomb.png").write_bytes(png_with_size(png, 100_000, 100_000))  # PIL's own ceiling
+    (root / "big.png").write_bytes(png_with_size(png, 2000, 2000))  # over data.max_image_pixels below
+    (root / "link_out.png").symlink_to(top / "outside.png")
+    (root / "link_in.png").symlink_to(root / "good.png")
+    rgb = np.asarray(Image.open(good).convert("RGB"))
+    for mode, fmt in (("1", "png"), ("L", "png"), ("LA", "png"), ("P", "png"), ("RGBA", "png"), ("I;16", "png"),
+                      ("CMYK", "tiff"), ("I", "tiff"), ("F", "tiff"), ("YCbCr", "tiff")):
+        source = Image.fromarray(rgb[..., 0] if mode in ("I;16", "I", "F") else rgb)  # grey for the integer modes
+        # LZW: Pillow cannot read back its own uncompressed YCbCr TIFF ("image file is truncated")
+        kw = {"compression": "tiff_lzw"} if fmt == "tiff" else {}
+        source.convert(mode).save(root / f"mode_{mode.replace(';', '_')}.{fmt}", **kw)
+    return root
+
+
+def png_with_size(png: bytes, width: int, height: int) -> bytes:
+    """The PNG with its header claiming another size (the IHDR chunk and its CRC rewritten)."""
+    import zlib
+
+    ihdr = b"IHDR" + width.to_bytes(4, "big") + height.to_bytes(4, "big") + png[24:29]
+    return png[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + png[33:]

@@ -15,8 +15,7 @@ from PIL import Image
 from genllava_jax import errors
 from genllava_jax.data import arrayrecord, pipeline, records
 from genllava_jax.data.records import REASONS, TASKS, BadRecord, as_dict, read_records
-from test_genllava import data_dir  # noqa: F401  (a fixture)
-from test_reliability import ask, encoder, root, tok  # noqa: F401  (fixtures)
+from test_reliability import ask, encoder
 
 
 def data_cfg(path, **kw):
