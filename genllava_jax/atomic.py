@@ -2,6 +2,8 @@
 
 The temporary path sits beside `out` and is named `.NAME.tmp-PID@HOST-RANDOM`: a run killed mid-write (kill -9,
 out of memory) leaves it behind, and the next write of the same `out` removes it and says so (`clean_stale`).
+Files appended a line at a time (metrics.jsonl, a sweep's answers) lose a torn last line before they are appended to
+again (`cut_torn_line`).
 """
 
 from __future__ import annotations
@@ -91,3 +93,20 @@ def atomic_write(out: str | os.PathLike, *, directory: bool = False, overwrite: 
             shutil.rmtree(tmp)
         elif tmp.exists():
             tmp.unlink()
+
+
+def cut_torn_line(path: str | os.PathLike, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> bool:
+    """Cuts a partial last line (a kill mid-append) off a line-per-record file, so that the next append does not glue
+    a record onto it; True if there was one."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return False
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    os.truncate(path, keep)
+    log(f"{path}: cut its torn last line ({len(data) - keep} bytes, written by a run that was killed)")
+    return True

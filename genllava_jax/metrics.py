@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genllava_jax.atomic import cut_torn_line
+
 COUNTS = ("tokens", "images", "skipped")  # per-step counts: summed into rates, never averaged
 
 
@@ -60,6 +62,7 @@ class MetricWriter:
         self.tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            cut_torn_line(self.path)  # a run killed mid-write: the resumed one appends whole rows after it
             if tensorboard:
                 from tensorboardX import SummaryWriter
 

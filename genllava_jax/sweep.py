@@ -53,7 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from genllava_jax import cli, errors, infer, sharding as shd
-from genllava_jax.atomic import atomic_write
+from genllava_jax.atomic import atomic_write, cut_torn_line
 from genllava_jax.evaluate import BENCHMARKS, Item, answer_record, generation, read_answers, read_benchmark, score, \
     write_answers
 
@@ -190,9 +190,7 @@ def read_answer_records(path: Path) -> dict[str, dict]:
     """key -> answer record of a cell's answer file; a torn last line (a kill mid-write) is cut off first."""
     if not path.exists():
         return {}
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        os.truncate(path, data.rfind(b"\n") + 1)
+    cut_torn_line(path)
     out = {}
     for r in read_answers(path):
         key = (r.get("metadata") or {}).get("key")

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from genllava_jax.atomic import atomic_write
+from genllava_jax.atomic import atomic_write, cut_torn_line
 
 
 def test_a_file_appears_whole_or_not_at_all(tmp_path):
@@ -64,3 +64,19 @@ def test_what_a_killed_run_left_is_cleaned_by_the_next_write(tmp_path, capsys):
         with atomic_write(ckpt, directory=True, overwrite=False):
             pass
     assert (ckpt / "x").read_text() == "1" and not old.exists()
+
+
+def test_a_torn_last_line_is_cut_before_a_resumed_run_appends(tmp_path, capsys):
+    import json
+
+    from genllava_jax.metrics import MetricWriter
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # killed mid-write
+    writer = MetricWriter(tmp_path, tensorboard=False)
+    writer.write(2, {"loss": 1.5})
+    writer.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "loss": 2.0},
+                                                                           {"step": 2, "loss": 1.5}]
+    assert "metrics.jsonl: cut its torn last line (15 bytes" in capsys.readouterr().err
+    assert not cut_torn_line(path) and not cut_torn_line(tmp_path / "absent.jsonl")
