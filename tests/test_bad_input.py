@@ -83,6 +83,31 @@ def test_each_numbered_fault_is_one_counted_skip_and_the_rest_is_read(root, tok,
     assert "Traceback" not in logged
 
 
+RECORD_FAULTS = [  # (record, the reason it is skipped under)
+    ({"conversations": [{"from": "human", "value": "Hi"}]}, "no_assistant"),
+    ({"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]}, "bad_turns"),
+    ({"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"},
+                        {"from": "gpt", "value": "c"}]}, "bad_turns"),
+    (ask(task="dance"), "bad_task"),
+    (ask("good.png", target_image="good.png"), "bad_task"),  # a target the i2t task never generates
+    (ask("good.png", question="<image> and <image>?"), "too_many_images"),
+    (ask(question="<image> what?"), "missing_image"),
+    ({"conversations": "hi"}, "malformed"),
+    ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]}, "malformed"),
+    (ask("good.png", caption=["not", "text"]), "malformed"),
+    (ask(image=7), "malformed"),
+    ([1, 2], "malformed"),
+]
+
+
+@pytest.mark.parametrize("record,reason", RECORD_FAULTS, ids=[f"{r}-{i}" for i, (_, r) in enumerate(RECORD_FAULTS)])
+def test_records_of_the_wrong_shape_are_skipped_by_reason(root, tok, record, reason):
+    with pytest.raises(BadRecord) as e:
+        encoder(tok, root).encode(json.dumps(record).encode())
+    assert e.value.reason == reason, e.value
+    assert encoder(tok, root)((1, json.dumps(record).encode())) == {"skip": reason}
+
+
 def test_a_json_list_file_that_does_not_parse_is_one_line_naming_it(tmp_path):
     for name, data in (("latin.json", '[{"a": "caf\xe9"}]'.encode("latin-1")), ("deep.json", b"[" * 100_000),
                        ("cut.json", b'[{"conversations": ')):
