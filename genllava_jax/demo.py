@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +42,8 @@ flags.DEFINE_integer("num_train", 20000, "synthetic training records")
 flags.DEFINE_integer("variants", 16, "renderings of each scene (nudged, resized, tinted; see data.synthetic)")
 flags.DEFINE_integer("num_eval", 64, "held-out records per task to evaluate")
 flags.DEFINE_integer("sample_steps", 20, "DDIM steps when generating")
+flags.DEFINE_bool("resume", False, "continue a demo stopped during training (SIGTERM): its data, fitted VAE and newest "
+                  "checkpoint in --workdir are reused")
 FLAGS = flags.FLAGS
 
 
@@ -128,6 +131,7 @@ def main(_):
     import jax
 
     from genllava_jax import checkpoint, train
+    from genllava_jax.atomic import atomic_write
     from genllava_jax.data import synthetic
     from genllava_jax.data.tokenizer import load_tokenizer
     from genllava_jax.models.vae import VAEConfig
@@ -135,29 +139,42 @@ def main(_):
 
     work = Path(FLAGS.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    spec = importlib.util.spec_from_file_location("tiny", Path(__file__).parent.parent / "configs" / "tiny.py")
+    here = Path(__file__).parent  # configs/ sits beside genllava_jax/ in a checkout, inside it when installed
+    tiny_py = next(p for p in (here.parent / "configs" / "tiny.py", here / "configs" / "tiny.py") if p.exists())
+    spec = importlib.util.spec_from_file_location("tiny", tiny_py)
     tiny = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tiny)
     c = tiny.get_config()
     times = {}
 
     t0 = time.time()
-    paths = synthetic.make_synthetic(work / "data", num_train=FLAGS.num_train, num_eval=4 * FLAGS.num_eval,
-                                     image_size=c.data.image_size, num_img_tokens=c.data.num_img_tokens,
-                                     variants=FLAGS.variants)
+    paths = {"train": work / "data" / "train.jsonl", "eval": work / "data" / "eval.jsonl",
+             "images": work / "data" / "images", "tokenizer": work / "data" / "tokenizer"}
+    reuse = FLAGS.resume and all(p.exists() for p in paths.values())
+    if not reuse:
+        paths = synthetic.make_synthetic(work / "data", num_train=FLAGS.num_train, num_eval=4 * FLAGS.num_eval,
+                                         image_size=c.data.image_size, num_img_tokens=c.data.num_img_tokens,
+                                         variants=FLAGS.variants)
     times["data_s"] = time.time() - t0
-    print(f"[1/5] synthetic world: {paths['train']} ({times['data_s']:.0f} s)", flush=True)
+    took = "reused" if reuse else f"{times['data_s']:.0f} s"
+    print(f"[1/5] synthetic world: {paths['train']} ({took})", flush=True)
 
     t0 = time.time()
-    vae_cfg = VAEConfig(**c.model.vae.to_dict())
-    # every image, held-out scenes included: the VAE is a pixel codec standing in for SD's, which was pretrained on
-    # far more than any one data set; what is held out is text -> image and edits. Fitted on the training scenes
-    # only, its reconstructions of held-out scenes were judged the right colour 30 % of the time (68 % seen).
-    vae, vae_metrics = fit_vae(vae_cfg, load_images(paths["images"], c.data.target_image_size),
-                               steps=FLAGS.vae_steps, lr=FLAGS.vae_lr, batch_size=FLAGS.vae_batch)
-    vae_metrics["vae_reconstruction_colour_accuracy"] = reconstruction_accuracy(vae, paths["eval"],
-                                                                                c.data.target_image_size)
-    checkpoint.save_module(work / "vae", vae, "vae", overwrite=True)
+    if FLAGS.resume and (work / "vae_metrics.json").exists():  # written after the VAE: both are there
+        vae_metrics = json.loads((work / "vae_metrics.json").read_text())
+    else:
+        vae_cfg = VAEConfig(**c.model.vae.to_dict())
+        # every image, held-out scenes included: the VAE is a pixel codec standing in for SD's, which was pretrained
+        # on far more than any one data set; what is held out is text -> image and edits. Fitted on the training
+        # scenes only, its reconstructions of held-out scenes were judged the right colour 30 % of the time (68 %
+        # seen).
+        vae, vae_metrics = fit_vae(vae_cfg, load_images(paths["images"], c.data.target_image_size),
+                                   steps=FLAGS.vae_steps, lr=FLAGS.vae_lr, batch_size=FLAGS.vae_batch)
+        vae_metrics["vae_reconstruction_colour_accuracy"] = reconstruction_accuracy(vae, paths["eval"],
+                                                                                    c.data.target_image_size)
+        checkpoint.save_module(work / "vae", vae, "vae", overwrite=True)
+        with atomic_write(work / "vae_metrics.json") as tmp:
+            tmp.write_text(json.dumps(vae_metrics, indent=2))
     times["vae_s"] = time.time() - t0
     print(f"[2/5] VAE fitted: reconstruction MSE {vae_metrics['vae_mse']:.4f}, judged colour of its held-out "
           f"reconstructions {vae_metrics['vae_reconstruction_colour_accuracy']:.1%}, latent scale "
@@ -169,11 +186,19 @@ def main(_):
     c.model.vae.scaling_factor = vae_metrics["scaling_factor"]
     if FLAGS.train_steps:
         c.train.steps = FLAGS.train_steps
-    # a fresh run: train.run resumes from any checkpoint in its workdir, and an earlier demo's was trained on the
-    # previous VAE
-    shutil.rmtree(work / "train", ignore_errors=True)
+    # a fresh run unless resuming: train.run resumes from any checkpoint in its workdir, and an earlier demo's was
+    # trained on the previous VAE
+    if not FLAGS.resume:
+        shutil.rmtree(work / "train", ignore_errors=True)
     last = train.run(c, work / "train")
     times["train_s"] = time.time() - t0
+    done = checkpoint.ocp.CheckpointManager((work / "train" / "checkpoints").absolute()).latest_step()
+    if done != c.train.steps:  # preempted (SIGTERM): a checkpoint of the step it stopped at, no half-trained scores
+        again = " ".join([sys.executable, "-m genllava_jax.demo", *(a for a in sys.argv[1:] if a != "--resume"),
+                          "--resume"])
+        print(f"[3/5] training stopped (SIGTERM) after step {done} of {c.train.steps}; its checkpoint is in "
+              f"{work / 'train' / 'checkpoints'}. Nothing was evaluated. Resume with: {again}", flush=True)
+        sys.exit(1)
     print(f"[3/5] trained {c.train.steps} steps: loss {last.get('loss', float('nan')):.3f} "
           f"({times['train_s']:.0f} s)", flush=True)
 

@@ -24,3 +24,54 @@ def test_understanding_is_broken_down_by_question():
     assert acc["What shape is it?"] == pytest.approx(
         sum(r["conversations"][1]["value"] == "circle" for r in circles) / len(circles))
     assert acc["Where is the shape?"] == 0.0
+
+
+@pytest.mark.slow
+def test_sigterm_during_training_stops_without_scores_and_says_how_to_resume(tmp_path):
+    """`make demo` preempted in training: no evaluation of a half-trained model, no "trained N steps"; the printed
+    command resumes from the checkpoint (data and VAE reused) and finishes."""
+    import os
+    import re
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    args = [f"--workdir={tmp_path / 'demo'}", "--num_train=300", "--num_eval=4", "--variants=1", "--vae_steps=3",
+            "--vae_batch=8", "--train_steps=40", "--sample_steps=2"]
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "genllava_jax.demo", *args], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr, started = [], threading.Event()
+
+    def read_progress():  # tqdm's bar: "train: ... 3/40": the loop (and its SIGTERM handler) is running
+        buf = ""
+        while chunk := proc.stderr.read(64):
+            buf = (buf + chunk)[-4000:]
+            stderr.append(chunk)
+            if re.search(r"train:.*\b[1-9]\d*/40\b", buf):
+                started.set()
+
+    threading.Thread(target=read_progress, daemon=True).start()
+    assert started.wait(1500), "".join(stderr)[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    assert proc.wait(600) == 1, out + "".join(stderr)[-3000:]
+    m = re.search(r"\[3/5\] training stopped \(SIGTERM\) after step (\d+) of 40; .* Nothing was evaluated\. "
+                  r"Resume with: (\S+ -m genllava_jax\.demo .*--resume)$", out, re.M)
+    assert m, out
+    assert "trained 40 steps" not in out and "[4/5]" not in out and not (tmp_path / "demo" / "metrics.json").exists()
+    stopped = int(m.group(1))
+    assert 1 <= stopped < 40 and (tmp_path / "demo" / "train" / "checkpoints" / str(stopped)).is_dir()
+
+    again = shlex.split(m.group(2))
+    assert again[0] == sys.executable and again[1:3] == ["-m", "genllava_jax.demo"]
+    assert again[3:] == args + ["--resume"]
+    out = subprocess.run(again, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "(reused)" in out.stdout and "VAE fitted" in out.stdout and f"resumed from step {stopped} " in out.stdout
+    assert "[3/5] trained 40 steps" in out.stdout and "[4/5] held-out evaluation" in out.stdout
+    assert (tmp_path / "demo" / "metrics.json").exists()
