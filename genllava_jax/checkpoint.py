@@ -145,12 +145,14 @@ def data_checksum(data_iter) -> int:
 
 
 def _all_processes(value: int) -> list[int]:
-    """Every process's value (a collective when there are several)."""
+    """Every process's 56-bit value (a collective when there are several). Sent as 7 bytes: an int64 would be
+    truncated to int32 by the gather unless jax_enable_x64 is on."""
     if jax.process_count() == 1:
         return [value]
     from jax.experimental import multihost_utils
 
-    return [int(v) for v in multihost_utils.process_allgather(np.int64(value))]
+    got = multihost_utils.process_allgather(np.frombuffer(value.to_bytes(7, "big"), np.uint8))
+    return [int.from_bytes(bytes(np.asarray(row, np.uint8)), "big") for row in np.asarray(got).reshape(-1, 7)]
 
 
 def save_train(mngr: ocp.CheckpointManager, step: int, state, frozen, data_iter, force: bool = False) -> bool:

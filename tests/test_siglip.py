@@ -279,7 +279,6 @@ def test_preprocessing_equals_hf_processor_for_sizes_and_modes():
         "RGB": Image.fromarray(rgb), "L": Image.fromarray(rgb[..., 0]), "P": palette, "P+transparency": transparent,
         "RGBA": Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "CMYK": Image.fromarray(rgb).convert("CMYK"),
         "LA": Image.fromarray(np.dstack([rgb[..., 0], alpha]), "LA"),
-        "I;16": Image.fromarray(rgb[..., 0].astype(np.uint16) * 300).convert("I;16"),
         "large": Image.fromarray(rng.randint(0, 256, (300, 200, 3)).astype(np.uint8)),
         "tiny": Image.fromarray(rng.randint(0, 256, (5, 9, 3)).astype(np.uint8)),
         "array": rgb,
@@ -293,5 +292,11 @@ def test_preprocessing_equals_hf_processor_for_sizes_and_modes():
             ours = preprocess(image, cfg)
             assert ours.dtype == np.float32
             np.testing.assert_array_equal(ours, ref, err_msg=name)
+        # 16-bit grey: HF's convert("RGB") clips it to white; ours is HF's result on its 8-bit scaling (issue 16)
+        grey16 = rgb[..., 0].astype(np.uint16) * 257
+        ref = proc(Image.fromarray(rgb[..., 0]), return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+        np.testing.assert_array_equal(preprocess(Image.fromarray(grey16).convert("I;16"), cfg), ref)
+        assert not np.array_equal(proc(Image.fromarray(grey16), return_tensors="np")["pixel_values"][0]
+                                  .transpose(1, 2, 0), ref)  # HF's own reading would differ (clipped)
     with pytest.raises(ValueError, match="longest_edge"):
         ImageConfig.from_hf({"size": {"longest_edge": 224}})
