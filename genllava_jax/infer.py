@@ -87,7 +87,8 @@ def _images(graphdef, state, batch, rng, guidance_scale, image_guidance_scale, *
     cond = model.condition(batch["input_ids"], batch["attention_mask"], batch["image"], batch["has_image"])
     vae, unet = model.vae, model.unet
     size = unet.cfg.sample_size
-    noise = jax.random.normal(rng, (cond.shape[0], size, size, vae.cfg.latent_channels), jnp.float32)
+    noise = batch["noise"] if "noise" in batch else jax.random.normal(
+        rng, (cond.shape[0], size, size, vae.cfg.latent_channels), jnp.float32)
     null = model.null_cond[...]
     if model.cfg.edit_mode == "latent_concat":
         src = vae.latents(batch["source_image"])
@@ -103,14 +104,15 @@ def images(model, batch: dict, *, rng=None, num_steps: int = 50, guidance_scale:
     """uint8 images (B, H, W, 3) generated from each row's [IMG] states (classifier-free guided).
 
     `batch` needs input_ids (with [IMG0..N-1] in each row), attention_mask, image, has_image; source_image
-    (VAE pixels) for latent_concat editing."""
+    (VAE pixels) for latent_concat editing; optionally noise (B, h, w, latent channels), the initial latents, in
+    place of a draw from `rng` (e.g. one per record, so an image does not depend on its batch)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: choose one of {sorted(SAMPLERS)}")
     graphdef, state = nnx.split(model)
     B = np.asarray(batch["input_ids"]).shape[0]
     s = model.cfg.vae.sample_size
     x = {"source_image": np.zeros((B, s, s, 3), np.float32), **{k: batch[k] for k in (
-        "input_ids", "attention_mask", "image", "has_image", "source_image") if k in batch}}
+        "input_ids", "attention_mask", "image", "has_image", "source_image", "noise") if k in batch}}
     out = _images(graphdef, state, on_model_devices(x, state),
                   jax.random.key(0) if rng is None else rng, jnp.float32(guidance_scale),
                   jnp.float32(image_guidance_scale), sampler=SAMPLERS[sampler](model.cfg.schedule),

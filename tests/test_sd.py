@@ -1,7 +1,6 @@
 """Stable Diffusion text-to-image in JAX against diffusers' StableDiffusionPipeline at a tiny random config, and the
 pipeline folder's conversion without torch."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,13 +10,12 @@ import jax
 import numpy as np
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from convert import stable_diffusion as sd_conv
 from genllava_jax import sd, sharding as shd
+from micro import tiny_sd_pipeline
 from oracle import assert_close
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,28 +25,7 @@ PROMPTS = ["a b c", "c a"]
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """A saved tiny StableDiffusionPipeline (CLIP text encoder + tokenizer, UNet, VAE, SD's DDIM config)."""
-    tmp = tmp_path_factory.mktemp("sd")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "b</w>": 3, "c</w>": 4, "a": 5, "b": 6, "c": 7}
-    (tmp / "vocab.json").write_text(json.dumps(vocab))
-    (tmp / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=77)
-    torch.manual_seed(0)
-    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=24, intermediate_size=48,
-                                           num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                                           bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
-                                attention_head_dim=4).eval()
-    vae = AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=16,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.save_pretrained(str(tmp / "pipeline"))
-    return pipe, tmp / "pipeline"
+    return tiny_sd_pipeline(tmp_path_factory.mktemp("sd"))
 
 
 @pytest.fixture(scope="module")

@@ -48,10 +48,11 @@ def open_source(path: str | Path) -> grain.sources.ArrayRecordDataSource:
     return grain.sources.ArrayRecordDataSource(str(path))
 
 
-def embed(raw: str | dict, base_dir: Path) -> dict:
-    """The record as a dict with its image files' bytes in place of their paths; BadRecord if it would be skipped."""
+def embed(raw: str | dict, base_dir: Path, root: Path | None = None) -> dict:
+    """The record as a dict with its image files' bytes in place of their paths; BadRecord if it would be skipped.
+    Image paths must resolve inside `root` (default: `base_dir`), as the pipeline's data.image_root."""
     out = dict(as_dict(raw))
-    record = parse(out, base_dir)
+    record = parse(out, base_dir, root)
     for key in IMAGE_KEYS:
         ref = getattr(record, key)
         if ref is not None:
@@ -60,15 +61,16 @@ def embed(raw: str | dict, base_dir: Path) -> dict:
     return out
 
 
-def write(src: str | Path, out: str | Path) -> collections.Counter:
-    """Converts a GVIT .json/.jsonl file; returns the counts of written and skipped (by reason) records."""
+def write(src: str | Path, out: str | Path, root: str | Path | None = None) -> collections.Counter:
+    """Converts a GVIT .json/.jsonl file; returns the counts of written and skipped (by reason) records. `root`:
+    the folder image paths must stay inside (default: the file's)."""
     counts, base_dir, raws = collections.Counter(), Path(src).parent, read_records(src)
     with atomic_write(out) as tmp:  # a crash never leaves a half-written file under the final name
         writer = ArrayRecordWriter(str(tmp), "group_size:1")  # group_size 1: each record readable on its own
         try:
             for position, raw in raws:
                 try:
-                    writer.write(pack(embed(raw, base_dir)))
+                    writer.write(pack(embed(raw, base_dir, None if root is None else Path(root).resolve())))
                     counts["written"] += 1
                 except Exception as e:  # a record's fault (BadRecord, or an integer msgpack cannot hold) is a skip
                     bad = isinstance(e, BadRecord)

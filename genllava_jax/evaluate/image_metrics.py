@@ -23,13 +23,18 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
+def clip_scores(image_feats, text_feats) -> np.ndarray:
+    """100·cos(image_i, text_i) of each pair (N,): e.g. to filter generated images by their prompt."""
+    a, b = _pairs(image_feats, text_feats, "clip_scores")
+    return 100 * _cosine(a, b)
+
+
 def clip_score(image_feats, text_feats) -> float:
     """CLIP score as torchmetrics computes it: max(mean over pairs of 100·cos(image_i, text_i), 0).
 
     torchmetrics clamps the *mean* at zero (its docstring writes the clamp per pair, its code does not).
     """
-    a, b = _pairs(image_feats, text_feats, "clip_score")
-    return float(max(np.mean(100 * _cosine(a, b)), 0.0))
+    return float(max(np.mean(clip_scores(image_feats, text_feats)), 0.0))
 
 
 def dino_score(feats_a, feats_b) -> float:

@@ -191,7 +191,17 @@ def sample_token(logits_BV, rng, temperature: float, top_p: float = 1.0):
         cutoff_idx = jnp.sum(cum < top_p, axis=-1, keepdims=True)
         cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    if rng.ndim:  # one key per row: a row's draws do not depend on the batch it is decoded in
+        return jax.vmap(jax.random.categorical)(rng, logits).astype(jnp.int32)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def split_key(rng):
+    """(next key, key for this step) of one key or of a (B,) array of per-row keys."""
+    if rng.ndim:
+        pair = jax.vmap(jax.random.split)(rng)
+        return pair[:, 0], pair[:, 1]
+    return tuple(jax.random.split(rng))
 
 
 class Decoded(NamedTuple):
@@ -205,6 +215,7 @@ def decode(model: Mistral, attention_mask, rng, *, input_ids=None, inputs_embeds
     """Traceable prefill + cached one-token steps after left-padded prompts (ids or embeddings), in a
     `lax.while_loop` that ends when every row has emitted a stop token (`eos_id` or one of `stop_ids`) or after
     `max_new_tokens`. `on_token(step, tokens_B)` streams each step's tokens to the host (ordered io_callback).
+    `rng`: one key, or (B,) keys, one per row (a row then samples the same tokens in any batch).
     """
     prompt = input_ids if inputs_embeds is None else inputs_embeds
     B, T = prompt.shape[:2]
@@ -220,7 +231,7 @@ def decode(model: Mistral, attention_mask, rng, *, input_ids=None, inputs_embeds
 
     def body(carry):
         i, tokens, logits, cache, done, lengths, rng = carry
-        rng, sub = jax.random.split(rng)
+        rng, sub = split_key(rng)
         tok = jnp.where(done, pad_id, sample_token(logits, sub, temperature, top_p))
         if on_token is not None:
             io_callback(on_token, None, i, tok, ordered=True)
