@@ -60,6 +60,24 @@ def test_rows_stop_at_their_own_stop_token_and_the_loop_ends_early(llm):
     assert seen == [0, 1, 2]
 
 
+def test_a_key_per_row_samples_each_row_as_alone(llm):
+    rng = np.random.RandomState(2)
+    prompts = [list(rng.randint(1, 61, n)) for n in (3, 9, 6)]
+    keys = jax.random.split(jax.random.key(7), 3)
+
+    def sample(rows, k):
+        ids, mask = infer.left_pad(rows, 12, 0)
+        out = jax.jit(lambda ids, mask, k: decode(llm, mask, k, input_ids=ids, max_new_tokens=8,
+                                                  temperature=1.5))(ids, mask, k)
+        return np.asarray(out.tokens)
+
+    batched = sample(prompts, keys)
+    for b in range(3):  # alone, or in another place in another batch: the same draws
+        np.testing.assert_array_equal(batched[b], sample([prompts[b]], keys[b:b + 1])[0])
+    np.testing.assert_array_equal(batched[::-1], sample(prompts[::-1], keys[::-1]))
+    assert len({tuple(r) for r in sample([prompts[0]] * 3, keys)}) == 3  # the keys do differ
+
+
 def test_top_p_keeps_only_the_nucleus(llm):
     prompts = [[5, 6, 7]] * 64
     greedy, _ = run(llm, prompts, 4, max_new_tokens=1)
