@@ -5,7 +5,7 @@
 A small random SD (CLIP text encoder, UNet, VAE) saved as a diffusers folder and converted to ours; the same
 prompts, the same initial latents, DDIM with classifier-free guidance, the whole pipeline each side (tokenize,
 encode prompts and the empty negative prompt, sample, decode). Our compile time is reported apart; both sides get
-one warm-up run. Both run on this CPU in float32.
+one warm-up run, then the runs alternate (the median of each side is reported). Both run on this CPU in float32.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ VAE = dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=
 TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
             max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 WORDS = ["a", "red", "blue", "circle", "square", "on", "grey", "background", "small", "large"]
+NOTE = "The machine was shared (other developers' jobs ran beside it)."
 PROMPTS = ["a red circle on grey", "a small blue square", "a large red square on blue", "a blue circle"]
 
 
@@ -69,7 +70,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     folder = Path(tempfile.mkdtemp())
     pipe = build(folder)
@@ -88,18 +89,21 @@ def main():
             return pipe(prompt=prompts, latents=torch.tensor(latents.transpose(0, 3, 1, 2)), height=size, width=size,
                         num_inference_steps=a.steps, guidance_scale=7.5, output_type="np").images
 
-    t0 = time.perf_counter()
-    run_ours()
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(a.repeats):
-        out = run_ours()
-    jax_s = (time.perf_counter() - t0) / a.repeats
+    def timed(fn):
+        t0 = time.perf_counter()
+        return fn(), time.perf_counter() - t0
+
+    _, compile_s = timed(run_ours)
     run_diffusers()
-    t0 = time.perf_counter()
-    for _ in range(a.repeats):
-        ref = run_diffusers()
-    torch_s = (time.perf_counter() - t0) / a.repeats
+    times = {"ours": [], "diffusers": []}
+    for _ in range(a.repeats):  # interleaved, so that a change in the machine's load hits both sides alike
+        out, t = timed(run_ours)
+        times["ours"].append(t)
+        ref, t = timed(run_diffusers)
+        times["diffusers"].append(t)
+    jax_s, torch_s = (float(np.median(times[k])) for k in ("ours", "diffusers"))
+    times = {k: [round(t, 1) for t in v] for k, v in times.items()}
+    print(times)
     diff = float(np.abs(out - ref).max())
     n = sum(p.numel() for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()) / 1e6
     record("sd", f"python bench/sd.py --batch {a.batch} --steps {a.steps}",
@@ -109,8 +113,8 @@ def main():
             f"({n:.1f}M params), {size}×{size} images, batch {a.batch}, DDIM {a.steps} steps + CFG 7.5",
             f"{a.batch / jax_s:.2f}", f"{a.batch / torch_s:.2f}", f"{torch_s / jax_s:.2f}×", f"{diff:.1e}",
             f"{compile_s:.1f}"],
-           note="The whole pipeline each side, the same latents; float32 on this CPU (the machine was shared: "
-                "other developers' jobs ran beside it).")
+           note=f"The whole pipeline each side, the same latents; float32 on this CPU; seconds per run (the two "
+                f"alternating): {times}. {NOTE}")
 
 
 if __name__ == "__main__":
