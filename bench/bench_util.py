@@ -11,8 +11,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # `python bench/x.py` puts bench/ on the path, not the repository's root: convert/ and launch/ (installed as
-# genllava_jax.convert / .launch) are imported from this checkout, as `python -m convert` from the root does
-sys.path.insert(1, str(ROOT))
+# genllava_jax.convert / .launch) are imported from this checkout, as `python -m convert` from the root does; ahead
+# of bench/, whose convert.py (the conversion benchmark) would otherwise shadow the convert package
+sys.path.insert(0, str(ROOT))
 
 
 def record(name: str, command: str, header: list[str], row: list[str] | list[list[str]], note: str = "") -> str:

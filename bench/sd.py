@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +36,6 @@ VAE = dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=
 TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
             max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 WORDS = ["a", "red", "blue", "circle", "square", "on", "grey", "background", "small", "large"]
-NOTE = "The machine was shared (other developers' jobs ran beside it)."
 PROMPTS = ["a red circle on grey", "a small blue square", "a large red square on blue", "a blue circle"]
 
 
@@ -72,6 +72,7 @@ def main():
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
+    load = os.getloadavg()[0]
     folder = Path(tempfile.mkdtemp())
     pipe = build(folder)
     sd_conv.from_hf_pipeline(folder / "pipeline", folder / "ours")
@@ -111,10 +112,12 @@ def main():
             "our compile s"],
            [f"SD: CLIP text 4L×128, UNet {UNET['block_out_channels']}×2, VAE {VAE['block_out_channels']} "
             f"({n:.1f}M params), {size}×{size} images, batch {a.batch}, DDIM {a.steps} steps + CFG 7.5",
-            f"{a.batch / jax_s:.2f}", f"{a.batch / torch_s:.2f}", f"{torch_s / jax_s:.2f}×", f"{diff:.1e}",
+            f"{a.batch / jax_s:.3g}", f"{a.batch / torch_s:.3g}", f"{torch_s / jax_s:.2f}×", f"{diff:.1e}",
             f"{compile_s:.1f}"],
            note=f"The whole pipeline each side, the same latents; float32 on this CPU; seconds per run (the two "
-                f"alternating): {times}. {NOTE}")
+                f"alternating): {times}; torch {torch.get_num_threads()} thread(s). The machine "
+                f"was shared (1-minute load average {load:.1f} before, {os.getloadavg()[0]:.1f} after, on "
+                f"{os.cpu_count()} cores).")
 
 
 if __name__ == "__main__":
