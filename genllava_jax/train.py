@@ -174,15 +174,16 @@ def train_step(state, frozen, batch, *, graphdef, rest, tx, schedule, accum: int
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out_shape)
         ((loss, aux), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
         loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
-    grad_norm = optax.global_norm(grads)
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    new = {"params": optax.apply_updates(state["params"], updates), "opt": opt, "step": state["step"] + 1,
-           "rng": state["rng"]}
-    # known before the update, so XLA fuses update and select leaf by leaf (no second copy of the state); with a
-    # finite gradient norm and learning rate the update is finite, and checkpoints refuse non-finite values anyway
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new["params"], new["opt"] = jax.tree.map(lambda a, b: jnp.where(ok, a, b), (new["params"], new["opt"]),
-                                             (state["params"], state["opt"]))
+    with jax.named_scope("optimizer"):  # names its ops in the compiled program (launch/simulate.py)
+        grad_norm = optax.global_norm(grads)
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        new = {"params": optax.apply_updates(state["params"], updates), "opt": opt, "step": state["step"] + 1,
+               "rng": state["rng"]}
+        # known before the update, so XLA fuses update and select leaf by leaf (no second copy of the state); with
+        # a finite gradient norm and learning rate the update is finite, and checkpoints refuse non-finite values
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new["params"], new["opt"] = jax.tree.map(lambda a, b: jnp.where(ok, a, b), (new["params"], new["opt"]),
+                                                 (state["params"], state["opt"]))
     new["skipped"] = state["skipped"] + (~ok).astype(jnp.int32)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "skipped": (~ok).astype(jnp.int32),
                **aux}

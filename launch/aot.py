@@ -3,6 +3,7 @@
     python -m launch.aot --config=configs/genllava_7b.py --topology=v5p-8 --config.data.max_len=2048 \
         [--mesh=data=1,fsdp=-1,tensor=1] [--remat=full] [--per_device_batch=2]
     python -m launch.aot ... --search [--meshes="fsdp=16;fsdp=8,tensor=2"] [--remats=full]
+    python -m launch.aot ... --simulate [--reduced_depth=llm=2,vision=3] [--pallas_efficiency=0.5]
 
 Nothing is allocated: the model, train state and batch are abstract (shapes, dtypes and the shardings the rules
 give on a mesh over the topology's compile-only devices), the step is `train.jit_train_step(...).lower(...)
@@ -10,6 +11,10 @@ give on a mesh over the topology's compile-only devices), the step is `train.jit
 refuses to compile a program over the chip's memory and says by how much), FLOPs per step and compile times.
 `--search` tries mesh shapes and remat policies and finds, for each, the largest per-device batch that fits; it
 prints the best cell's train-step report (the eval step is not compiled: rerun that cell for it).
+`--simulate` adds the step time libtpu's cost model gives the compiled train step, per part (launch/simulate.py:
+an estimate, not a measurement); `--search --simulate` ranks the cells by simulated MFU. `--reduced_depth` compiles
+the LLM / SigLIP with fewer layers and runs their layer loops at the full depth in the simulation (minutes instead
+of a quarter hour on 2 cores for the 7B); the memory it reports is then the reduced program's.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ _ASIDE = os.path.join(sys.prefix, "libtpu-aot", "libtpu", "libtpu.so")
 if "TPU_LIBRARY_PATH" not in os.environ and importlib.util.find_spec("libtpu") is None and os.path.isfile(_ASIDE):
     os.environ["TPU_LIBRARY_PATH"] = _ASIDE
 
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
 import math  # noqa: E402
@@ -43,6 +49,8 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 from genllava_jax import errors, flops, train  # noqa: E402
 from genllava_jax import sharding as shd  # noqa: E402
+
+from . import simulate as sim  # noqa: E402
 
 GiB = 2 ** 30
 _F = (False, False, False)
@@ -181,9 +189,10 @@ def _size(num: str, unit: str) -> float:
     return float(num) * 1024 ** ("KMGT".index(unit) + 1) if unit else float(num)
 
 
-def compile_report(jitted, args, hbm: float, log=lambda s: None) -> tuple[dict, object]:
+def compile_report(jitted, args, hbm: float, log=lambda s: None, on_text=None) -> tuple[dict, object]:
     """Traces, lowers and compiles; memory per chip from `memory_analysis()`, or XLA's figure when it refuses
-    (OOM). Returns the report and the trace (its jaxpr is the program the FLOPs are counted on)."""
+    (OOM). Returns the report and the trace (its jaxpr is the program the FLOPs are counted on); `on_text(hlo)`,
+    if given, goes over the compiled HLO text and its result is the report's "sim"."""
     t0 = time.perf_counter()
     traced = jitted.trace(*args)
     lowered = traced.lower()
@@ -205,8 +214,51 @@ def compile_report(jitted, args, hbm: float, log=lambda s: None) -> tuple[dict, 
     out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return {**out, "fits": out["total"] <= hbm, "hbm": hbm, "lower_s": t1 - t0, "compile_s": t2 - t1,
-            "xla_flops": float(cost.get("flops", 0.0))}, traced
+    out = {**out, "fits": out["total"] <= hbm, "hbm": hbm, "lower_s": t1 - t0, "compile_s": t2 - t1,
+           "xla_flops": float(cost.get("flops", 0.0))}
+    if on_text is not None:
+        out["sim"] = on_text(compiled.as_text())
+    return out, traced
+
+
+@dataclasses.dataclass(frozen=True)
+class Simulation:
+    """What `check` needs to simulate the train step's time (launch/simulate.py)."""
+    pallas_efficiency: float = 0.5
+    full: ml_collections.ConfigDict | None = None  # the full-depth config when the compiled one is reduced
+    layer_loops: dict | None = None  # {part: (compiled depth, full depth)}
+
+
+# --reduced_depth parts -> (the config's layer count, the layer loop's trip count per layer)
+DEPTH_KEYS = {"llm": "num_layers", "vision": "num_layers"}
+
+
+def reduce_depth(c, spec: str) -> tuple[ml_collections.ConfigDict, Simulation]:
+    """--reduced_depth="llm=2,vision=3": a copy of `c` with that many layers in those towers, and the Simulation
+    that runs their layer loops at `c`'s depth."""
+    small, loops = ml_collections.ConfigDict(c.to_dict()), {}
+    for kv in spec.split(","):
+        part, _, n = kv.partition("=")
+        part = part.strip()
+        if part not in DEPTH_KEYS or not n.strip().isdigit() or int(n) < 2:
+            raise ValueError(f"--reduced_depth={spec!r}: {kv!r} is not PART=LAYERS with PART one of "
+                             f"{sorted(DEPTH_KEYS)} and LAYERS >= 2 (XLA inlines a 1-trip loop)")
+        full = c.model[part][DEPTH_KEYS[part]]
+        if int(n) >= full:
+            raise ValueError(f"--reduced_depth={spec!r}: {part} has only {full} layers")
+        small.model[part][DEPTH_KEYS[part]] = int(n)
+        loops[part] = (int(n), full)
+    return small, Simulation(full=c, layer_loops=loops)
+
+
+def analytic_flops(c, rows: int, trainable: set[str]) -> dict:
+    """launch/flops.py's model FLOPs by part for config `c` (abstract model, nothing allocated)."""
+    from genllava_jax.models.genllava import GenLLaVA
+
+    cfg = train.model_config(c, tokenizer_for(c))
+    model = nnx.eval_shape(lambda: GenLLaVA(cfg, rngs=nnx.Rngs(0)))
+    return flops.analytic(model, cfg, rows=rows, seq_len=c.data.max_len, target_px=c.data.target_image_size,
+                          trainable=trainable)
 
 
 def configure(c, *, remat: str | None = None, mesh: dict | None = None):
@@ -221,9 +273,10 @@ def configure(c, *, remat: str | None = None, mesh: dict | None = None):
 
 
 def check(c, devices, *, per_device_batch: int | None = None, eval_step: bool = True, count_flops: bool = True,
-          log=lambda s: None) -> dict:
+          simulate: Simulation | None = None, log=lambda s: None) -> dict:
     """Compiles the train (and eval) step of config `c` for `devices` with the config's global batch or
-    `per_device_batch` rows per batch shard (data × fsdp); returns the report (see `format_report`)."""
+    `per_device_batch` rows per batch shard (data × fsdp); returns the report (see `format_report`). With
+    `simulate`, the report's train["sim"] holds the simulated step time (launch/simulate.py)."""
     mesh = build_mesh(dict(c.mesh), devices)
     state, s, cfg, model = abstract_setup(c, mesh)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -243,9 +296,23 @@ def check(c, devices, *, per_device_batch: int | None = None, eval_step: bool = 
          "state_bytes": {"whole": nbytes((state, s.frozen), False), "per_chip": nbytes((state, s.frozen), True)},
          "sharding": shd.sharding_report(nnx.state(model, nnx.Param), mesh)[0]}
     step = train.jit_train_step(s, c.train.accum)
+    on_text = None
+    if simulate is not None:
+        trainable = {str(k) for k in state["params"].keys()}
+        model_flops = sum(analytic_flops(simulate.full or c, global_batch, trainable).values())
+
+        def on_text(text):
+            log("  simulating the step from the compiled HLO")
+            chip = sim.CHIPS[kind]
+            res = sim.simulate(text, chip, pallas_efficiency=simulate.pallas_efficiency,
+                               layer_loops=simulate.layer_loops)
+            summary = sim.summarize(res, chip, model_flops=model_flops, tokens=global_batch * c.data.max_len,
+                                    chips=len(devices))
+            return {**summary, "loops": res["loops"], "warnings": res["warnings"], "model_flops": model_flops,
+                    "pallas_efficiency": simulate.pallas_efficiency, "layer_loops": simulate.layer_loops}
     with jax.set_mesh(mesh):
         log(f"train step: {r['global_batch']} rows on mesh {r['mesh']}, remat {r['remat']}")
-        r["train"], traced = compile_report(step, (state, s.frozen, batch), hbm, log)
+        r["train"], traced = compile_report(step, (state, s.frozen, batch), hbm, log, on_text=on_text)
         log(f"  compiled in {r['train']['compile_s']:.0f} s: {_memory_line(r['train'])}")
         if count_flops:
             once = flops.jaxpr_flops(traced.jaxpr.jaxpr, scale_loops=False)
@@ -308,7 +375,17 @@ def format_report(r: dict) -> str:
     if "eval" in r:
         lines += [f"eval step: lower {r['eval']['lower_s']:.1f} s, compile {r['eval']['compile_s']:.1f} s",
                   f"  memory per chip: {_memory_line(r['eval'])}"]
-    lines.append("FITS" if r["train"]["fits"] and r.get("eval", {"fits": True})["fits"] else "OOM")
+    s = r["train"].get("sim")
+    if s:
+        if s["layer_loops"]:
+            lines.append("reduced depth: compiled with " + ", ".join(
+                f"{p} {a} layers, its layer loops run {b} times" for p, (a, b) in s["layer_loops"].items()) +
+                " in the simulation (memory and FLOPs above are the reduced program's)")
+        lines += [f"  warning: {w}" for w in s["warnings"]]
+        lines.append(sim.format_summary(s, sim.CHIPS[r["kind"]], s["pallas_efficiency"]))
+    verdict = "FITS" if r["train"]["fits"] and r.get("eval", {"fits": True})["fits"] else "OOM"
+    lines.append(verdict + (" (the reduced-depth program; the full depth was not compiled)"
+                            if s and s["layer_loops"] else ""))
     return "\n".join(lines)
 
 
@@ -335,7 +412,8 @@ def mesh_candidates(n: int) -> list[dict]:
     return out
 
 
-def largest_batch(c, devices, log, max_compiles: int = 5) -> tuple[int, int | None, dict | None]:
+def largest_batch(c, devices, log, max_compiles: int = 5, simulate: Simulation | None = None
+                  ) -> tuple[int, int | None, dict | None]:
     """The largest per-device batch found to compile within HBM, the smallest found not to (None: none tried),
     and the former's report (0, ..., None if batch 1 does not fit).
 
@@ -346,7 +424,7 @@ def largest_batch(c, devices, log, max_compiles: int = 5) -> tuple[int, int | No
     """
     totals, fits, reports, cap, b = {}, {}, {}, None, 1
     while True:
-        r = check(c, devices, per_device_batch=b, eval_step=False, log=log)
+        r = check(c, devices, per_device_batch=b, eval_step=False, log=log, simulate=simulate)
         # drop what JAX caches of the last program: a 7B search's host memory grew compile by compile (its 5th was
         # killed at 17.9 GB beside the test suite; one compile alone peaks at 10-12 GB)
         jax.clear_caches()
@@ -376,42 +454,53 @@ def largest_batch(c, devices, log, max_compiles: int = 5) -> tuple[int, int | No
     return lo, hi, reports.get(lo)
 
 
-def search(c, devices, remats, meshes=None, log=print) -> list[dict]:
-    """For each mesh shape (default: `mesh_candidates`) and remat policy, the largest per-device batch that fits;
-    returns the rows."""
+def search(c, devices, remats, meshes=None, log=print, simulate: Simulation | None = None) -> list[dict]:
+    """For each mesh shape (default: `mesh_candidates`) and remat policy, the largest per-device batch that fits
+    (and, with `simulate`, its simulated step); returns the rows."""
     rows = []
     for mesh in meshes or mesh_candidates(len(devices)):
         for remat in remats:
             log(f"  mesh {mesh}, remat {remat}:")
-            b, oom, r = largest_batch(configure(c, remat=remat, mesh=mesh), devices, log)
+            cell = configure(c, remat=remat, mesh=mesh)
+            b, oom, r = largest_batch(cell, devices, log, simulate=simulate)
+            s = r and r["train"].get("sim")
             rows.append({"mesh": mesh, "remat": remat, "per_device_batch": b, "oom_at": oom,
-                         "global_batch": r["global_batch"] if r else 0, "report": r})
+                         "global_batch": r["global_batch"] if r else 0, "report": r,
+                         "mfu": s["overlapped"]["mfu"] if s else None})
     return rows
 
 
 def best_row(rows: list[dict]) -> dict | None:
-    """The largest global batch; on a tie the policy that recomputes least, then fewer tensor shards."""
+    """The highest simulated MFU when simulated, else the largest global batch; on a tie the policy that
+    recomputes least, then fewer tensor shards."""
     ok = [r for r in rows if r["per_device_batch"]]
     if not ok:
         return None
-    return max(ok, key=lambda r: (r["global_batch"], -REMAT_ORDER.index(r["remat"]), -r["mesh"]["tensor"]))
+    rank = lambda r: REMAT_ORDER.index(r["remat"]) if r["remat"] in REMAT_ORDER else len(REMAT_ORDER)  # noqa: E731
+    return max(ok, key=lambda r: (r.get("mfu") or 0.0, r["global_batch"], -rank(r), -r["mesh"]["tensor"]))
 
 
 def main(argv):
-    from absl import flags
+    from absl import app, flags
 
     del argv
     F = flags.FLAGS
     progress = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)  # noqa: E731
     devices = target_devices(F.topology)
     c = F.config
+    simulation = Simulation(pallas_efficiency=F.pallas_efficiency) if F.simulate else None
+    if F.reduced_depth and (F.search or not F.simulate):
+        raise app.UsageError("--reduced_depth goes with --simulate, for one cell (--search needs the full depth "
+                             "to tell what fits)")
     if F.search:
         meshes = [parse_mesh(m) for m in F.meshes.split(";")] if F.meshes else mesh_candidates(len(devices))
         print(f"searching {F.topology}: meshes {meshes}, remat {F.remats}", flush=True)
-        rows = search(c, devices, F.remats, meshes, log=progress)
+        rows = search(c, devices, F.remats, meshes, log=progress, simulate=simulation)
         for row in rows:
             oom = f"{row['oom_at']} is OOM" if row["oom_at"] else "no larger batch tried"
-            print(f"  {row['mesh']} remat {row['remat']}: largest per-device batch {row['per_device_batch']} ({oom})")
+            mfu = f", simulated MFU {row['mfu'] * 100:.1f} %" if row.get("mfu") else ""
+            print(f"  {row['mesh']} remat {row['remat']}: largest per-device batch {row['per_device_batch']} "
+                  f"({oom}){mfu}")
         best = best_row(rows)
         if best is None:
             print("nothing fits: per-device batch 1 is OOM for every mesh and remat policy tried")
@@ -422,7 +511,11 @@ def main(argv):
               f"with these for the eval step too)\n{format_report(best['report'])}", flush=True)
         return
     c = configure(c, remat=F.remat, mesh=parse_mesh(F.mesh) if F.mesh else None)
-    report = check(c, devices, per_device_batch=F.per_device_batch, eval_step=F.eval_step, log=progress)
+    if F.reduced_depth:
+        c, simulation = reduce_depth(c, F.reduced_depth)
+        simulation = dataclasses.replace(simulation, pallas_efficiency=F.pallas_efficiency)
+    report = check(c, devices, per_device_batch=F.per_device_batch, eval_step=F.eval_step, log=progress,
+                   simulate=simulation)
     print(f"{report['sharding']}\n{format_report(report)}", flush=True)
 
 
@@ -442,5 +535,11 @@ if __name__ == "__main__":
     flags.DEFINE_list("remats", ["full", "dots_with_no_batch_dims_saveable"], "remat policies --search tries")
     flags.DEFINE_string("meshes", None, "mesh shapes --search tries, ';'-separated, e.g. \"fsdp=16;fsdp=8,tensor=2\" "
                                         "(default: fully sharded, 2- and 4-way tensor, 2 data replicas)")
+    flags.DEFINE_bool("simulate", False, "simulate the train step's time from the compiled program (libtpu's cost "
+                                         "model; launch/simulate.py)")
+    flags.DEFINE_string("reduced_depth", None, "with --simulate: compile e.g. llm=2,vision=3 layers and run those "
+                                               "layer loops at the config's depth in the simulation")
+    flags.DEFINE_float("pallas_efficiency", 0.5, "fraction of the bf16 peak a Pallas kernel's FLOPs run at, in the "
+                                                 "simulation")
     flags.mark_flags_as_required(["config", "topology"])
     errors.run(main)

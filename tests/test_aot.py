@@ -112,8 +112,8 @@ def test_search_tries_the_meshes_given_and_parse_mesh_names_a_bad_axis(monkeypat
         with pytest.raises(ValueError, match="is not AXIS=SIZE"):
             aot.parse_mesh(bad)
     tried = []
-    monkeypatch.setattr(aot, "largest_batch", lambda c, devices, log: (tried.append((dict(c.mesh), c.model.llm.remat))
-                                                                       or (0, 1, None)))
+    monkeypatch.setattr(aot, "largest_batch", lambda c, devices, log, simulate: (
+        tried.append((dict(c.mesh), c.model.llm.remat)) or (0, 1, None)))
     rows = aot.search(tiny_config(), [None] * 16, ["full"], [aot.parse_mesh("fsdp=16")], log=lambda s: None)
     assert tried == [({"data": 1, "fsdp": 16, "tensor": 1}, "full")] and rows[0]["per_device_batch"] == 0
     tried.clear()
@@ -124,7 +124,7 @@ def test_search_tries_the_meshes_given_and_parse_mesh_names_a_bad_axis(monkeypat
 @pytest.mark.slow
 def test_fit_check_compiles_the_tiny_model_for_v5e_2x2():
     c = tiny_config()
-    r = aot.check(c, aot.target_devices("v5e:2x2"), per_device_batch=2)
+    r = aot.check(c, aot.target_devices("v5e:2x2"), per_device_batch=2, simulate=aot.Simulation())
     t = r["train"]
     assert t["fits"] and r["eval"]["fits"]
     assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and r["global_batch"] == 8
@@ -142,6 +142,18 @@ def test_fit_check_compiles_the_tiny_model_for_v5e_2x2():
                   "mesh data=1 fsdp=4 tensor=1"]:
         assert field in text, field
     assert text.endswith("FITS")
+    # the simulated step: every part of the joint step is attributed, the parts add up to the total, and the
+    # headline line carries the step time, tokens/s/chip and MFU of the analytic model FLOPs
+    s = t["sim"]
+    assert {p for p, x in s["parts"].items() if x["xla_s"] > 0} >= {"llm", "ce", "vision", "projector", "head",
+                                                                     "unet", "vae", "optimizer"}
+    assert sum(x["compute_s"] for x in s["parts"].values()) == pytest.approx(s["compute_s"])
+    assert s["parts"]["other"]["compute_s"] < 0.25 * s["compute_s"]
+    assert sorted(x["trips"] for x in s["loops"]) == sorted([c.model.llm.num_layers] * 2 + [
+        c.model.vision.num_layers] * 2 + [c.model.head.num_layers // c.model.head.cross_attention_frequency] * 2)
+    assert s["model_flops"] == f["analytic"] and 0 < s["overlapped"]["mfu"] < 1
+    assert s["serial"]["step_s"] >= s["overlapped"]["step_s"] > 0
+    assert f"simulated step: {s['overlapped']['step_s']:.3f} s, tokens/s/chip" in text
     np.testing.assert_equal(r["per_device_batch"], 2)
 
 

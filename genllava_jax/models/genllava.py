@@ -126,8 +126,12 @@ class GenLLaVA(nnx.Module):
 
     def embed_inputs(self, input_ids_BT, image_BHWC, has_image_B):
         """Token embeddings with the k-th `<image>` position of a row replaced by its k-th projected patch."""
-        tok_BTD = self.llm.embed(input_ids_BT)
-        patches_BPD = self.projector(self.vision(image_BHWC).features)
+        with jax.named_scope("llm"):  # the scopes name each part's ops in the compiled program (launch/simulate.py)
+            tok_BTD = self.llm.embed(input_ids_BT)
+        with jax.named_scope("vision"):
+            features_BPC = self.vision(image_BHWC).features
+        with jax.named_scope("projector"):
+            patches_BPD = self.projector(features_BPC)
         is_img_BT = (input_ids_BT == self.cfg.image_token_id) & has_image_B[:, None]
         idx_BT = jnp.clip(jnp.cumsum(is_img_BT, axis=1) - 1, 0, patches_BPD.shape[1] - 1)
         spliced_BTD = jnp.take_along_axis(patches_BPD, idx_BT[..., None], axis=1).astype(tok_BTD.dtype)
@@ -165,14 +169,16 @@ class GenLLaVA(nnx.Module):
         cfg = self.cfg
         ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
         embeds = self.embed_inputs(ids, batch["image"], batch["has_image"])
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask)
-        tgt = labels[:, 1:]
-        trained = tgt != IGNORE
-        ce_tok = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1].astype(jnp.float32),
-                                                                 jnp.where(trained, tgt, 0))
-        n_tok = trained.sum()
-        ce = (ce_tok * trained).sum() / jnp.maximum(n_tok, 1)
-        acc = ((out.logits[:, :-1].argmax(-1) == tgt) & trained).sum() / jnp.maximum(n_tok, 1)
+        with jax.named_scope("llm"):
+            out = self.llm(inputs_embeds=embeds, attention_mask=mask)
+        with jax.named_scope("ce"):
+            tgt = labels[:, 1:]
+            trained = tgt != IGNORE
+            ce_tok = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1].astype(jnp.float32),
+                                                                     jnp.where(trained, tgt, 0))
+            n_tok = trained.sum()
+            ce = (ce_tok * trained).sum() / jnp.maximum(n_tok, 1)
+            acc = ((out.logits[:, :-1].argmax(-1) == tgt) & trained).sum() / jnp.maximum(n_tok, 1)
 
         r_noise, r_t, r_drop, r_vae = jax.random.split(rng, 4)
         h, e, found = self.img_states(ids, out.hidden, embeds)
@@ -184,13 +190,15 @@ class GenLLaVA(nnx.Module):
             h, e, has, target_image, source_image, aligned = (
                 x[rows] for x in (h, e, has, target_image, source_image, aligned))
         B = h.shape[0]
-        cond = self.head(h, e)
+        with jax.named_scope("head"):
+            cond = self.head(h, e)
         align = self.align_loss(cond, batch, rows if cfg.diffusion_rows else None, aligned)
         drop = jax.random.bernoulli(r_drop, cfg.cond_drop_prob, (B,))
         cond = jnp.where(drop[:, None, None], self.null_cond[...].astype(cond.dtype)[None], cond)
-        latents = jax.lax.stop_gradient(self.vae.latents(target_image, r_vae if cfg.sample_latents else None))
-        source = (jax.lax.stop_gradient(self.vae.latents(source_image))
-                  if cfg.edit_mode == "latent_concat" else None)
+        with jax.named_scope("vae"):
+            latents = jax.lax.stop_gradient(self.vae.latents(target_image, r_vae if cfg.sample_latents else None))
+            source = (jax.lax.stop_gradient(self.vae.latents(source_image))
+                      if cfg.edit_mode == "latent_concat" else None)
         if cfg.diffusion_repeats > 1:
             rep = lambda x: None if x is None else jnp.repeat(x, cfg.diffusion_repeats, axis=0)
             cond, latents, source, has = rep(cond), rep(latents), rep(source), rep(has)
@@ -200,7 +208,8 @@ class GenLLaVA(nnx.Module):
         noisy = diffusion.add_noise(cfg.schedule, latents, noise, t)
         target = noise if cfg.schedule.prediction_type == "epsilon" else diffusion.velocity(cfg.schedule, latents,
                                                                                              noise, t)
-        pred = self.unet(self.unet_input(noisy, source), t, cond)
+        with jax.named_scope("unet"):
+            pred = self.unet(self.unet_input(noisy, source), t, cond)
         mse_B = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=(1, 2, 3))
         weight_B = jnp.ones_like(mse_B)
         if cfg.snr_gamma:
