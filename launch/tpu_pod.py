@@ -3,7 +3,8 @@ train command on all workers at once, tear down.
 
     python -m launch.tpu_pod --name=genllava --zone=us-east5-a --accelerator-type=v5p-32 \
         --version=v2-alpha-tpuv5 --config=configs/genllava_7b.py --workdir='~/bucket/runs/7b' --bucket=my-bucket \
-        [--project=P] [--spot] [--env KEY=VALUE] [--keep] [--execute] [-- --config.train.steps=1000 ...]
+        [--project=P] [--spot] [--env KEY=VALUE] [--libtpu-preset=async_collectives] [--keep] [--execute] \
+        [-- --config.train.steps=1000 ...]
 
 Without --execute (the default, --dry-run) it prints the commands and runs nothing. With --execute it runs them in
 order and, unless --keep, deletes the TPU VM at the end even if a step failed. Each worker runs the same command;
@@ -11,6 +12,7 @@ order and, unless --keep, deletes the TPU VM at the end even if a step failed. E
 finds the coordinator (worker 0), the process count and this worker's index from the TPU VM's metadata server.
 What is copied is `git archive HEAD` (committed files only). The workdir and the config's data must be on storage
 every worker sees: `--bucket` mounts a Cloud Storage bucket with gcsfuse at ~/bucket on every worker.
+`--libtpu-preset` (repeatable) exports LIBTPU_INIT_ARGS from the named sets of XLA:TPU flags below.
 """
 
 from __future__ import annotations
@@ -24,6 +26,52 @@ from pathlib import Path
 from genllava_jax import errors
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# LIBTPU_INIT_ARGS presets: MaxText's flag sets, under its names where it has one (benchmarks/xla_flags_library.py;
+# the flags are described in MaxText's docs, "List of XLA compiler flags"). libtpu exits on a flag it does not
+# know; tests/test_launch.py compiles with every preset's flags through the libtpu this project pins.
+_CF = ("--xla_tpu_enable_async_collective_fusion=true", "--xla_tpu_enable_async_collective_fusion_multiple_steps=true",
+       "--xla_tpu_overlap_compute_collective_tc=true")
+LIBTPU_PRESETS = {
+    # continuation fusion: FSDP's weight all-gathers run asynchronously inside the compute scheduled between their
+    # start and done (MaxText: CF_FOR_ALL_GATHER)
+    "async_all_gather": _CF + ("--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
+                               "--xla_enable_async_all_gather=true"),
+    # the same for all-reduces (MaxText: CF_FOR_ALL_REDUCE)
+    "async_all_reduce": _CF + ("--xla_tpu_enable_async_collective_fusion_fuse_all_reduce=true",
+                               "--xla_enable_async_all_reduce=true"),
+    # both (MaxText: CF_FOR_ALL_REDUCE_AND_ALL_GATHER): the preset for fsdp meshes
+    "async_collectives": _CF + ("--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
+                                "--xla_enable_async_all_gather=true", "--xla_enable_async_all_reduce=true"),
+    # data parallelism across slices (DCN): pipeline the gradient all-reduce with the step (DATA_PARALLEL_OVERLAP)
+    "data_parallel_overlap": ("--xla_tpu_enable_data_parallel_all_reduce_opt=true",
+                              "--xla_tpu_data_parallel_opt_different_sized_ops=true"),
+    # MaxText's dense-LLM recipes: 96 MiB of scoped VMEM for fusions and kernels (DENSE_VMEM_LIMIT_FLAG)
+    "dense_vmem": ("--xla_tpu_scoped_vmem_limit_kib=98304",),
+    # remat policies that offload activations to host memory: overlap the transfers (HOST_OFFLOAD_FLAGS)
+    "host_offload": ("--xla_tpu_enable_all_experimental_scheduler_features=true",
+                     "--xla_tpu_enable_scheduler_memory_pressure_tracking=true",
+                     "--xla_tpu_host_transfer_overlap_limit=24", "--xla_tpu_aggressive_opt_barrier_removal=ENABLED",
+                     "--xla_lhs_prioritize_async_depth_over_stall=ENABLED",
+                     "--xla_tpu_enable_ag_backward_pipelining=true",
+                     "--xla_should_allow_loop_variant_parameter_in_chain=ENABLED",
+                     "--xla_should_add_loop_invariant_op_in_chain=ENABLED", "--xla_max_concurrent_host_send_recv=100",
+                     "--xla_tpu_scheduler_percent_shared_memory_limit=100", "--xla_latency_hiding_scheduler_rerun=2"),
+}
+
+
+def libtpu_init_args(presets: list[str], given: str = "") -> str:
+    """LIBTPU_INIT_ARGS of the presets (each flag once, in order) followed by `given`; a flag two presets set to
+    different values is an error."""
+    flags: dict[str, str] = {}
+    for name in presets:
+        if name not in LIBTPU_PRESETS:
+            raise ValueError(f"--libtpu-preset={name!r}: choose from {sorted(LIBTPU_PRESETS)}")
+        for flag in LIBTPU_PRESETS[name]:
+            key = flag.partition("=")[0]
+            if flags.setdefault(key, flag) != flag:
+                raise ValueError(f"--libtpu-preset: {flags[key]} and {flag} disagree")
+    return " ".join(list(flags.values()) + ([given] if given else []))
 ARCHIVE = "genllava_jax.tar.gz"
 REMOTE_DIR = "~/genllava_jax"  # expanded by the worker's shell
 
@@ -109,15 +157,20 @@ def main(argv=None) -> int:
     p.add_argument("--spot", action="store_true", help="a Spot TPU VM (preemptible, cheaper)")
     p.add_argument("--bucket", help="a Cloud Storage bucket to mount at ~/bucket on every worker (gcsfuse)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="exported for the train command")
+    p.add_argument("--libtpu-preset", action="append", default=[], choices=sorted(LIBTPU_PRESETS),
+                   help="export LIBTPU_INIT_ARGS with these XLA:TPU flag sets (repeatable; before any given by --env)")
     p.add_argument("--keep", action="store_true", help="do not delete the TPU VM at the end")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the commands (the default)")
     mode.add_argument("--execute", action="store_true", help="run them")
     errors.add_verbose(p)
     a = p.parse_args(argv)
+    env = parse_env(a.env)
+    if a.libtpu_preset:
+        env["LIBTPU_INIT_ARGS"] = libtpu_init_args(a.libtpu_preset, env.get("LIBTPU_INIT_ARGS", ""))
     cmds = commands(name=a.name, zone=a.zone, accelerator_type=a.accelerator_type, version=a.version,
                     config=a.config, workdir=a.workdir, project=a.project, spot=a.spot, bucket=a.bucket,
-                    env=parse_env(a.env), train_args=train_args, keep=a.keep)
+                    env=env, train_args=train_args, keep=a.keep)
     if not a.execute:
         print("\n".join(shlex.join(c) for c in cmds))
         return 0

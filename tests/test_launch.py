@@ -155,3 +155,45 @@ def test_launchers_reject_bad_arguments():
         slurm.sbatch_script(nodes=1, gpus_per_node=1, per="socket", config="c", workdir="w")
     with pytest.raises(ValueError, match="--env 'XLA_FLAGS'"):
         slurm.parse_env(["XLA_FLAGS"])
+
+
+def test_libtpu_presets_export_their_flags_once_before_any_given():
+    argv = ["--name=n", "--zone=z", "--accelerator-type=v5p-8", "--version=v", "--config=c", "--workdir=w",
+            "--libtpu-preset=async_collectives", "--libtpu-preset=dense_vmem",
+            "--env", "LIBTPU_INIT_ARGS=--xla_tpu_extra=1"]
+    run = cli("launch.tpu_pod", argv)
+    assert run.returncode == 0, run.stderr
+    want = " ".join(tpu_pod.LIBTPU_PRESETS["async_collectives"] + tpu_pod.LIBTPU_PRESETS["dense_vmem"]) \
+        + " --xla_tpu_extra=1"
+    assert f"export LIBTPU_INIT_ARGS={shlex.quote(want)}; " in shlex.split(run.stdout.splitlines()[4])[-1]
+    both = tpu_pod.libtpu_init_args(["async_all_gather", "async_collectives"])
+    assert len(both.split()) == len(set(both.split())) == len(tpu_pod.LIBTPU_PRESETS["async_collectives"])
+    with pytest.raises(ValueError, match="choose from"):
+        tpu_pod.libtpu_init_args(["fast"])
+
+
+PROBE = """
+import os
+os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+import jax, jax.numpy as jnp
+from launch import aot
+mesh = jax.sharding.Mesh(aot.target_devices("v5p-8"), ("x",))
+a = jax.ShapeDtypeStruct((512, 512), jnp.bfloat16, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")))
+jax.jit(lambda x, y: x @ y.T).lower(a, a).compile()
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_libtpu_accepts_every_presets_flags():
+    """libtpu exits on an unknown flag ('Unknown command line flag'); every preset's flags, all at once, compile a
+    sharded matmul for a v5p-8 through the pinned libtpu (a made-up flag does not)."""
+    def compile_with(args):
+        env = {**os.environ, "LIBTPU_INIT_ARGS": args, "PYTHONPATH": str(ROOT)}
+        return subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True)
+
+    every = " ".join(dict.fromkeys(f for flags in tpu_pod.LIBTPU_PRESETS.values() for f in flags))
+    ok = compile_with(every)
+    assert ok.returncode == 0 and "compiled" in ok.stdout, ok.stderr[-2000:]
+    bad = compile_with("--xla_tpu_made_up_flag=true")
+    assert bad.returncode != 0 and "Unknown command line flag 'xla_tpu_made_up_flag'" in bad.stderr
