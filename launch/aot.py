@@ -241,11 +241,11 @@ def reduce_depth(c, spec: str) -> tuple[ml_collections.ConfigDict, Simulation]:
         part, _, n = kv.partition("=")
         part = part.strip()
         if part not in DEPTH_KEYS or not n.strip().isdigit() or int(n) < 2:
-            raise ValueError(f"--reduced_depth={spec!r}: {kv!r} is not PART=LAYERS with PART one of "
+            raise errors.BadValue(f"--reduced_depth={spec!r}: {kv!r} is not PART=LAYERS with PART one of "
                              f"{sorted(DEPTH_KEYS)} and LAYERS >= 2 (XLA inlines a 1-trip loop)")
         full = c.model[part][DEPTH_KEYS[part]]
         if int(n) >= full:
-            raise ValueError(f"--reduced_depth={spec!r}: {part} has only {full} layers")
+            raise errors.BadValue(f"--reduced_depth={spec!r}: {part} has only {full} layers")
         small.model[part][DEPTH_KEYS[part]] = int(n)
         loops[part] = (int(n), full)
     return small, Simulation(full=c, layer_loops=loops)

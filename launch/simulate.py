@@ -21,6 +21,8 @@ import math
 import re
 from collections import defaultdict
 
+from genllava_jax import errors
+
 # Per chip, from the Cloud TPU system-architecture pages (docs.cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}): bf16
 # peak FLOP/s, HBM bytes/s, ICI bytes/s per link and direction (bidirectional per-chip figure / ports / 2; v4's
 # from its 400 Gbit/s per link and direction). The clock is peak / (MXUs x 128 x 128 x 2 FLOPs a cycle) (v6e: 256x256
@@ -391,7 +393,7 @@ def simulate(text: str, chip: Chip, *, pallas_efficiency: float = 0.5,
     parts = visit(entry, "other", False)
     for p in layer_loops or {}:
         if not scaled[p]:
-            raise ValueError(f"reduced depth: no while loop of part {p!r} runs {layer_loops[p][0]} times (XLA may "
+            raise errors.BadValue(f"reduced depth: no while loop of part {p!r} runs {layer_loops[p][0]} times (XLA may "
                              f"have unrolled it); compile at another depth or without --reduced_depth")
     return {"parts": dict(parts), "loops": loops, "warnings": warnings}
 

@@ -66,11 +66,11 @@ def libtpu_init_args(presets: list[str], given: str = "") -> str:
     flags: dict[str, str] = {}
     for name in presets:
         if name not in LIBTPU_PRESETS:
-            raise ValueError(f"--libtpu-preset={name!r}: choose from {sorted(LIBTPU_PRESETS)}")
+            raise errors.BadValue(f"--libtpu-preset={name!r}: choose from {sorted(LIBTPU_PRESETS)}")
         for flag in LIBTPU_PRESETS[name]:
             key = flag.partition("=")[0]
             if flags.setdefault(key, flag) != flag:
-                raise ValueError(f"--libtpu-preset: {flags[key]} and {flag} disagree")
+                raise errors.BadValue(f"--libtpu-preset: {flags[key]} and {flag} disagree")
     return " ".join(list(flags.values()) + ([given] if given else []))
 ARCHIVE = "genllava_jax.tar.gz"
 REMOTE_DIR = "~/genllava_jax"  # expanded by the worker's shell
