@@ -227,6 +227,7 @@ class Simulation:
     pallas_efficiency: float = 0.5
     full: ml_collections.ConfigDict | None = None  # the full-depth config when the compiled one is reduced
     layer_loops: dict | None = None  # {part: (compiled depth, full depth)}
+    save_hlo: str | None = None  # write the compiled HLO text and the setting here (python -m launch.simulate)
 
 
 # --reduced_depth parts -> (the config's layer count, the layer loop's trip count per layer)
@@ -303,13 +304,14 @@ def check(c, devices, *, per_device_batch: int | None = None, eval_step: bool = 
 
         def on_text(text):
             log("  simulating the step from the compiled HLO")
-            chip = sim.CHIPS[kind]
-            res = sim.simulate(text, chip, pallas_efficiency=simulate.pallas_efficiency,
-                               layer_loops=simulate.layer_loops)
-            summary = sim.summarize(res, chip, model_flops=model_flops, tokens=global_batch * c.data.max_len,
-                                    chips=len(devices))
-            return {**summary, "loops": res["loops"], "warnings": res["warnings"], "model_flops": model_flops,
-                    "pallas_efficiency": simulate.pallas_efficiency, "layer_loops": simulate.layer_loops}
+            setting = {"kind": kind, "pallas_efficiency": simulate.pallas_efficiency,
+                       "layer_loops": simulate.layer_loops, "model_flops": model_flops,
+                       "tokens": global_batch * c.data.max_len, "chips": len(devices),
+                       "rows_per_chip": global_batch // batch_shards}
+            if simulate.save_hlo:
+                sim.save(simulate.save_hlo, text, setting)
+                log(f"  wrote {simulate.save_hlo}")
+            return sim.run(text, **setting)
     with jax.set_mesh(mesh):
         log(f"train step: {r['global_batch']} rows on mesh {r['mesh']}, remat {r['remat']}")
         r["train"], traced = compile_report(step, (state, s.frozen, batch), hbm, log, on_text=on_text)
@@ -382,7 +384,7 @@ def format_report(r: dict) -> str:
                 f"{p} {a} layers, its layer loops run {b} times" for p, (a, b) in s["layer_loops"].items()) +
                 " in the simulation (memory and FLOPs above are the reduced program's)")
         lines += [f"  warning: {w}" for w in s["warnings"]]
-        lines.append(sim.format_summary(s, sim.CHIPS[r["kind"]], s["pallas_efficiency"]))
+        lines.append(sim.format_summary(s))
     verdict = "FITS" if r["train"]["fits"] and r.get("eval", {"fits": True})["fits"] else "OOM"
     lines.append(verdict + (" (the reduced-depth program; the full depth was not compiled)"
                             if s and s["layer_loops"] else ""))
@@ -488,7 +490,7 @@ def main(argv):
     progress = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", file=sys.stderr, flush=True)  # noqa: E731
     devices = target_devices(F.topology)
     c = F.config
-    simulation = Simulation(pallas_efficiency=F.pallas_efficiency) if F.simulate else None
+    simulation = Simulation(pallas_efficiency=F.pallas_efficiency, save_hlo=F.save_hlo) if F.simulate else None
     if F.reduced_depth and (F.search or not F.simulate):
         raise app.UsageError("--reduced_depth goes with --simulate, for one cell (--search needs the full depth "
                              "to tell what fits)")
@@ -513,7 +515,7 @@ def main(argv):
     c = configure(c, remat=F.remat, mesh=parse_mesh(F.mesh) if F.mesh else None)
     if F.reduced_depth:
         c, simulation = reduce_depth(c, F.reduced_depth)
-        simulation = dataclasses.replace(simulation, pallas_efficiency=F.pallas_efficiency)
+        simulation = dataclasses.replace(simulation, pallas_efficiency=F.pallas_efficiency, save_hlo=F.save_hlo)
     report = check(c, devices, per_device_batch=F.per_device_batch, eval_step=F.eval_step, log=progress,
                    simulate=simulation)
     print(f"{report['sharding']}\n{format_report(report)}", flush=True)
@@ -539,6 +541,8 @@ if __name__ == "__main__":
                                          "model; launch/simulate.py)")
     flags.DEFINE_string("reduced_depth", None, "with --simulate: compile e.g. llm=2,vision=3 layers and run those "
                                                "layer loops at the config's depth in the simulation")
+    flags.DEFINE_string("save_hlo", None, "with --simulate: write the compiled train step's HLO text here (.gz) "
+                                          "for `python -m launch.simulate` to simulate again without compiling")
     flags.DEFINE_float("pallas_efficiency", 0.5, "fraction of the bf16 peak a Pallas kernel's FLOPs run at, in the "
                                                  "simulation")
     flags.mark_flags_as_required(["config", "topology"])

@@ -275,8 +275,9 @@ def kernel_text_flops(text: str) -> float:
             loops.pop()
         if m := re.search(r"scf\.for %\S+ = %(\S+) to %(\S+) step %(\S+)", line):
             consts = dict(re.findall(r"%(\S+) = arith\.constant (-?\d+) : (?:index|i32)", text))
-            lo, hi, st = (int(consts.get(x, "nan")) if consts.get(x) else None for x in m.groups())
-            loops.append((indent, max(0, -(-(hi - lo) // st)) if None not in (lo, hi, st) else 1))
+            bounds = [consts.get(x) for x in m.groups()]
+            lo, hi, st = (int(b) for b in bounds) if None not in bounds else (0, 1, 1)  # unknown: once
+            loops.append((indent, max(0, -(-(hi - lo) // st))))
         if "tpu.matmul" in line or "vector.contract" in line:
             types = re.findall(r"vector<[\dx]+x[a-z]+\d*>", line.split(":")[-1])
             lhs, out = _dims(types[0]), _dims(types[-1])
@@ -332,8 +333,8 @@ def simulate(text: str, chip: Chip, *, pallas_efficiency: float = 0.5,
     loops, warnings, memo = [], [], {}
     scaled = defaultdict(int)
 
-    def visit(name: str, ctx: str, fused: bool) -> dict[str, Cost]:
-        key = (name, ctx, fused)
+    def visit(name: str, ctx: str, fused: bool, nested: bool = False) -> dict[str, Cost]:
+        key = (name, ctx, fused, nested)
         if key in memo:
             return memo[key]
         out: dict[str, Cost] = defaultdict(Cost)
@@ -368,14 +369,17 @@ def simulate(text: str, chip: Chip, *, pallas_efficiency: float = 0.5,
                 if layer_loops and part in layer_loops and n == layer_loops[part][0]:
                     full = layer_loops[part][1]
                     scaled[part] += 1
-                loops.append({"name": i.name, "part": part, "trips": n, "counted": full})
-                for sub, times in ((i.called("body")[0], full), (i.called("condition")[0], full + 1)):
-                    for p, sc in visit(sub, part, fused).items():
+                body = visit(i.called("body")[0], part, fused, True)
+                per_trip = sum(x.cycles / chip.clock_hz + x.pallas_s for x in body.values())
+                loops.append({"name": i.name, "part": part, "trips": n, "counted": full, "per_trip_s": per_trip,
+                              "nested": nested})
+                for sub, times in ((body, full), (visit(i.called("condition")[0], part, fused, True), full + 1)):
+                    for p, sc in sub.items():
                         out[p].add(sc, times)
             elif i.opcode == "conditional":
                 branches = i.called("branch_computations") or i.called("true_computation") + i.called(
                     "false_computation")
-                costs = [visit(b, part, fused) for b in branches]
+                costs = [visit(b, part, fused, nested) for b in branches]
                 worst = max(costs, key=lambda d: sum(x.cycles for x in d.values()), default={})
                 for p, sc in worst.items():  # one branch runs: the dearest
                     out[p].add(sc)
@@ -385,7 +389,7 @@ def simulate(text: str, chip: Chip, *, pallas_efficiency: float = 0.5,
                         inner = fused or i.opcode in ("fusion", "reduce", "scatter", "sort", "map",
                                                       "reduce-window", "select-and-scatter", "all-reduce",
                                                       "reduce-scatter")
-                        for p, sc in visit(sub, part, inner).items():
+                        for p, sc in visit(sub, part, inner, nested).items():
                             out[p].add(sc)
         memo[key] = out
         return out
@@ -398,7 +402,8 @@ def simulate(text: str, chip: Chip, *, pallas_efficiency: float = 0.5,
     return {"parts": dict(parts), "loops": loops, "warnings": warnings}
 
 
-def summarize(sim: dict, chip: Chip, *, model_flops: float, tokens: int, chips: int) -> dict:
+def summarize(sim: dict, chip: Chip, *, model_flops: float, tokens: int, chips: int,
+              rows_per_chip: float = 1) -> dict:
     """Seconds per part and in total, collectives overlapped and not; tokens/s/chip and MFU of each total."""
     rows = {}
     for p, c in sim["parts"].items():
@@ -409,26 +414,58 @@ def summarize(sim: dict, chip: Chip, *, model_flops: float, tokens: int, chips: 
                    "collectives": c.collectives}
     compute = sum(r["compute_s"] for r in rows.values())
     comm = sum(r["collective_s"] for r in rows.values())
-    out = {"parts": rows, "compute_s": compute, "collective_s": comm}
+    out = {"parts": rows, "compute_s": compute, "collective_s": comm, "chip": chip, "rows_per_chip": rows_per_chip,
+           "loops": sim["loops"], "warnings": sim["warnings"]}
     for name, s in (("overlapped", max(compute, comm)), ("serial", compute + comm)):
         out[name] = {"step_s": s, "tokens_per_s_chip": tokens / s / chips,
                      "mfu": model_flops / (s * chips * chip.peak_flops)}
+    out["layers"] = {}
+    for part in ("llm", "vision", "head"):  # the scanned towers: a layer's time from its loops' bodies
+        loops = [x for x in sim["loops"] if x["part"] == part and not x["nested"]]
+        if loops:
+            out["layers"][part] = {"loops": [x["per_trip_s"] for x in loops], "trips": loops[0]["counted"],
+                                   "layer_s": sum(x["per_trip_s"] for x in loops)}
     return out
 
 
-def format_summary(s: dict, chip: Chip, pallas_efficiency: float) -> str:
+def run(text: str, *, kind: str, pallas_efficiency: float, layer_loops: dict | None, model_flops: float,
+        tokens: int, chips: int, rows_per_chip: float) -> dict:
+    """simulate + summarize for a compiled train step on `chips` chips of `kind` (a device_kind)."""
+    chip = CHIPS[kind]
+    res = simulate(text, chip, pallas_efficiency=pallas_efficiency, layer_loops=layer_loops)
+    return {**summarize(res, chip, model_flops=model_flops, tokens=tokens, chips=chips, rows_per_chip=rows_per_chip),
+            "model_flops": model_flops, "pallas_efficiency": pallas_efficiency, "layer_loops": layer_loops}
+
+
+def save(path: str, text: str, setting: dict) -> None:
+    """The compiled HLO text (gzip) and, beside it as PATH.json, what `run` needs besides it."""
+    import gzip
+    import json
+
+    with gzip.open(path, "wt") as f:
+        f.write(text)
+    with open(path + ".json", "w") as f:
+        json.dump(setting, f, indent=1)
+
+
+def format_summary(s: dict) -> str:
+    chip = s["chip"]
     order = [p for p in PARTS + ("other",) if p in s["parts"]]
-    ms = lambda x: f"{x * 1e3:9.1f}"  # noqa: E731
+    ms = lambda x: f"{x * 1e3:10.2f}"  # noqa: E731
     lines = [f"simulated on {chip.name} (clock {chip.clock_hz / 1e9:.3f} GHz, bf16 peak {chip.peak_flops / 1e12:.0f} "
              f"TFLOP/s, ICI {RING_LINKS} x {chip.ici_link_bytes_s / 1e9:.0f} GB/s; Pallas at "
-             f"{pallas_efficiency:.0%} of peak), per chip, ms:",
-             f"  {'part':<10}{'compute':>9}{'(XLA':>9}{'Pallas)':>9}{'collect.':>9}  collective GB"]
+             f"{s['pallas_efficiency']:.0%} of peak), per chip, ms:",
+             f"  {'part':<10}{'compute':>10}{'(XLA':>10}{'Pallas)':>10}{'collect.':>10}  collective GB"]
     for p in order:
         r = s["parts"][p]
         bound = "" if r["pallas_exact"] or not r["pallas_s"] else " (Pallas FLOPs an upper bound)"
         lines.append(f"  {p:<10}{ms(r['compute_s'])}{ms(r['xla_s'])}{ms(r['pallas_s'])}{ms(r['collective_s'])}"
                      f"  {r['collective_bytes'] / 1e9:.2f}{bound}")
-    lines.append(f"  {'total':<10}{ms(s['compute_s'])}{'':>18}{ms(s['collective_s'])}")
+    lines.append(f"  {'total':<10}{ms(s['compute_s'])}{'':>20}{ms(s['collective_s'])}")
+    for part, x in s["layers"].items():
+        each = " + ".join(f"{t * 1e3:.2f}" for t in x["loops"])
+        lines.append(f"  {part} layer: {x['layer_s'] * 1e3:.2f} ms ({each} in its {len(x['loops'])} layer loops of "
+                     f"{x['trips']} trips), {x['layer_s'] / s['rows_per_chip'] * 1e3:.2f} ms a layer and row")
     ser = s["serial"]
     lines.append(f"collectives not overlapped: step {ser['step_s']:.3f} s, tokens/s/chip "
                  f"{ser['tokens_per_s_chip']:.0f}, MFU {ser['mfu'] * 100:.1f} %")
@@ -436,3 +473,34 @@ def format_summary(s: dict, chip: Chip, pallas_efficiency: float) -> str:
     lines.append(f"simulated step: {ov['step_s']:.3f} s, tokens/s/chip {ov['tokens_per_s_chip']:.0f}, "
                  f"MFU {ov['mfu'] * 100:.1f} %  (collectives fully overlapped)")
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """python -m launch.simulate HLO.gz [--pallas_efficiency=E]: simulate a train step `launch.aot --simulate
+    --save_hlo=HLO.gz` compiled, again, without compiling."""
+    import argparse
+    import gzip
+    import json
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m launch.simulate", description=main.__doc__.split("\n")[0])
+    p.add_argument("hlo", help="a file launch.aot --save_hlo wrote (and its .json beside it)")
+    p.add_argument("--pallas_efficiency", type=float, help="instead of the one it was saved with")
+    errors.add_verbose(p)
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        setting = json.load(open(a.hlo + ".json"))
+        text = gzip.open(a.hlo, "rt").read()
+    except FileNotFoundError as e:
+        raise errors.MissingFile(f"{e.filename}: no such file (write it with launch.aot --simulate --save_hlo)")
+    if a.pallas_efficiency:
+        setting["pallas_efficiency"] = a.pallas_efficiency
+    setting["layer_loops"] = {k: tuple(v) for k, v in (setting["layer_loops"] or {}).items()} or None
+    print(format_summary(run(text, **setting)))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(errors.guard(main))

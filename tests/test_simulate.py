@@ -161,8 +161,23 @@ def test_summary_parts_add_up_to_the_total_and_overlap_bounds_it():
     ov = s["overlapped"]
     assert ov["mfu"] == pytest.approx(1e12 / (ov["step_s"] * 4 * V5E.peak_flops))
     assert ov["tokens_per_s_chip"] == pytest.approx(4096 / ov["step_s"] / 4)
-    text = sim.format_summary(s, V5E, 0.5)
-    assert text.splitlines()[-1].startswith(f"simulated step: {ov['step_s']:.3f} s, tokens/s/chip")
+    assert s["layers"]["llm"]["layer_s"] == pytest.approx(1_500_000 / V5E.clock_hz)
+    out = sim.format_summary({**s, "pallas_efficiency": 0.5})
+    assert out.splitlines()[-1].startswith(f"simulated step: {ov['step_s']:.3f} s, tokens/s/chip")
+
+
+def test_a_saved_program_simulates_again_from_the_command_line(tmp_path, capsys):
+    text = module(cond("c", 2), body("b", fusion("f", 1_000_000, "jvp(llm)/while/body")),
+                  entry_lines=[loop("w", "c", "b")])
+    setting = {"kind": "TPU v5 lite", "pallas_efficiency": 0.5, "layer_loops": {"llm": (2, 32)},
+               "model_flops": 1e15, "tokens": 8192, "chips": 4, "rows_per_chip": 1}
+    sim.save(str(tmp_path / "step.hlo.gz"), text, setting)
+    assert sim.main([str(tmp_path / "step.hlo.gz")]) == 0
+    out = capsys.readouterr().out
+    assert out == sim.format_summary(sim.run(text, **setting)) + "\n"
+    assert "llm layer: 0.67 ms (0.67 in its 1 layer loops of 32 trips), 0.67 ms a layer and row" in out
+    with pytest.raises(sim.errors.MissingFile, match="no.hlo.gz.json: no such file"):
+        sim.main([str(tmp_path / "no.hlo.gz")])
 
 
 def test_part_of_reads_the_outermost_named_scope_of_a_traced_op():
