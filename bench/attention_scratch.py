@@ -15,6 +15,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import bench_util  # noqa: E402, F401 -- puts the checkout's root on sys.path (launch/)
 from genllava_jax import layers  # noqa: E402
 from launch import aot  # noqa: E402
 

@@ -178,7 +178,8 @@ os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
 import jax, jax.numpy as jnp
 from launch import aot
 mesh = jax.sharding.Mesh(aot.target_devices("v5p-8"), ("x",))
-a = jax.ShapeDtypeStruct((512, 512), jnp.bfloat16, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")))
+sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+a = jax.ShapeDtypeStruct((512, 512), jnp.bfloat16, sharding=sh)
 jax.jit(lambda x, y: x @ y.T).lower(a, a).compile()
 print("compiled")
 """
