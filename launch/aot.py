@@ -253,7 +253,7 @@ def reduce_depth(c, spec: str) -> tuple[ml_collections.ConfigDict, Simulation]:
 
 
 def analytic_flops(c, rows: int, trainable: set[str]) -> dict:
-    """launch/flops.py's model FLOPs by part for config `c` (abstract model, nothing allocated)."""
+    """genllava_jax/flops.py's model FLOPs by part for config `c` (abstract model, nothing allocated)."""
     from genllava_jax.models.genllava import GenLLaVA
 
     cfg = train.model_config(c, tokenizer_for(c))
