@@ -268,7 +268,7 @@ def test_reduced_depth_extrapolates_a_scanned_llm_like_its_full_depth_compile():
                             num_heads=4, num_kv_heads=2, head_dim=64, remat="full", dtype="bfloat16")
         model = nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0)))
         graphdef, params = nnx.split(model)
-        params = aot.with_sharding(params, shd.state_shardings(params, mesh))
+        params = shd.with_shardings(params, shd.state_shardings(params, mesh))
         ids = jax.ShapeDtypeStruct((8, 256), jnp.int32, sharding=jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec("fsdp")))
 
