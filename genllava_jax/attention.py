@@ -11,10 +11,10 @@ Backends (N query heads, K key/value heads, N a multiple of K):
 - "flash": TPU Pallas flash attention (jax.experimental.pallas.ops.tpu.flash_attention): causal or full, padding
   through segment ids, no sliding window; GQA by repeating the KV heads (the non-causal towers have none).
 - "cudnn": GPU cuDNN fused attention, `jax.nn.dot_product_attention(implementation="cudnn")`.
-- "auto": on a GPU host cudnn where cuDNN takes the shapes (half precision, head_dim a multiple of 8 up to 128),
-  else xla; on any other host `lax.platform_dependent`: splash (causal) or flash (full) when the program is lowered
-  for TPU, xla otherwise. So a TPU program compiled ahead of time on a CPU host gets the kernels, and CPU runs
-  stay dense.
+- "auto": by the platform compiled for (the current mesh's devices, else the default backend): splash (causal) or
+  flash (full) on TPU, so a TPU program compiled ahead of time on a CPU host gets the kernels; cudnn on GPU where
+  cuDNN takes the shapes (half precision, head_dim a multiple of 8 up to 128); xla otherwise, CPU included.
+  (Not `lax.platform_dependent`: differentiating it keeps the residuals of every branch, zeros included.)
 
 The kernels see the sequences padded to a multiple of 128 (padding keys masked out) and run per shard: under a
 mesh, shard_map over the batch and head axes the logical rules give the activations. Their outputs at padding
@@ -73,24 +73,37 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: Mas
     scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
     if mask.explicit_B1TS is not None:
         backend = "xla"
-    elif backend == "auto" and jax.default_backend() == "gpu":
-        H = q_BTNH.shape[-1]
-        half = q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
-        backend = "cudnn" if half and H % 8 == 0 and H <= 128 else "xla"
+    elif backend == "auto":
+        backend = auto_backend(q_BTNH, mask.causal)
     if backend == "flash" and mask.sliding_window is not None:
         raise ValueError("attention backend 'flash' has no sliding window: use 'splash' or 'xla'")
-    if backend == "auto":  # the kernel when lowered for TPU, dense elsewhere (decided at lowering, not tracing)
-        kernel = "splash" if mask.causal else "flash"
-        out = jax.lax.platform_dependent(q_BTNH, k_BSKH, v_BSKH,
-                                         tpu=lambda q, k, v: _kernel(kernel, q, k, v, mask, scale),
-                                         default=lambda q, k, v: dense(q, k, v, mask, scale))
-    elif backend in ("splash", "flash"):
+    if backend in ("splash", "flash"):
         out = _kernel(backend, q_BTNH, k_BSKH, v_BSKH, mask, scale)
     elif backend == "cudnn":
         out = cudnn(q_BTNH, k_BSKH, v_BSKH, mask, scale)
     else:
         out = dense(q_BTNH, k_BSKH, v_BSKH, mask, scale)
     return checkpoint_name(out, "attn_out")
+
+
+def target_platform() -> str:
+    """The platform being compiled for: the current mesh's devices (a TPU slice compiled ahead of time on a CPU
+    host is "tpu"), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = jax.default_backend() if device is None else device.platform
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def auto_backend(q_BTNH, causal: bool) -> str:
+    """splash (causal) or flash on TPU; cudnn on GPU where cuDNN takes the shapes; xla elsewhere."""
+    platform = target_platform()
+    if platform == "tpu":
+        return "splash" if causal else "flash"
+    H = q_BTNH.shape[-1]
+    if platform == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16) and H % 8 == 0 and H <= 128:
+        return "cudnn"
+    return "xla"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -135,12 +135,14 @@ REMAT_POLICIES = {
     "dots_saveable": _cp.dots_saveable,
     "dots_with_no_batch_dims_saveable": _cp.dots_with_no_batch_dims_saveable,
     "everything_saveable": _cp.everything_saveable,
-    # by name: the attention's projections and output kept, the MLP (most of a layer's activation memory: its
-    # hidden width is 3.5x the model's in Mistral-7B) recomputed
+    # by name: the attention's projections and output kept, the MLP (the most activation memory: its hidden width
+    # is 3.5x the model's in Mistral-7B) recomputed; or everything named kept
     "save_qkv_proj": _cp.save_only_these_names("q_proj", "k_proj", "v_proj"),
     "save_dots_except_mlp": _cp.save_only_these_names(*_ATTENTION_NAMES),
-    "save_all_names": _cp.save_only_these_names(*CHECKPOINT_NAMES[1:]),
-    # the same kept in host memory, copied back for the backward pass
+    "save_all_names": _cp.save_only_these_names(*CHECKPOINT_NAMES),
+    # kept in host memory and copied back for the backward pass. "layer_input" is what full remat keeps on the
+    # device (each scanned layer's input); offloading it leaves the device with one layer's activations at a time
+    "offload_layer_input": _offload("layer_input"),
     "offload_dots_except_mlp": _offload(*_ATTENTION_NAMES),
     "offload_all_names": _offload(*CHECKPOINT_NAMES),
 }

@@ -174,6 +174,12 @@ class Mistral(nnx.Module):
                                                 "index": start + T}
         return self.final_norm(x), new_cache
 
+    def head_weight(self) -> tuple[jax.Array, int]:
+        """(the output head's weight in the compute dtype, its vocabulary axis): (D, V) untied, (V, D) tied."""
+        if self.lm_head is None:
+            return self.embed.embedding[...].astype(jnp.dtype(self.cfg.dtype)), 0
+        return self.lm_head.kernel[...].astype(jnp.dtype(self.cfg.dtype)), 1
+
     def logits(self, hidden):
         logits = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return constrain(logits, ("batch", "length", "act_vocab")[-logits.ndim:])
