@@ -200,7 +200,6 @@ def _per_shard(fn, q_BTNH, k_BSKH, v_BSKH, q_seg_BT, kv_seg_BS):
                          check_vma=False)(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, kv_seg_BS)
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(heads: int, T: int, S: int, causal: bool, window: int | None, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
@@ -212,10 +211,9 @@ def _splash_kernel(heads: int, T: int, S: int, causal: bool, window: int | None,
     blocks = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                            block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
     # the kernel's own residuals (output, logsumexp) carry the name too: a policy saving `attn_out` then skips
-    # the forward kernel in the backward pass. Built eagerly (its mask tables are constants) so that it is cached.
-    with jax.ensure_compile_time_eval():
-        return sa.make_splash_mha(sa.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1,
-                                  q_seq_shards=1, residual_checkpoint_name="attn_out", interpret=interpret)
+    # the forward kernel in the backward pass. Built at each trace: its mask tables become the program's constants.
+    return sa.make_splash_mha(sa.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                              residual_checkpoint_name="attn_out", interpret=interpret)
 
 
 def _splash(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, kv_seg_BS, *, causal, window, scale, interpret):

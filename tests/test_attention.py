@@ -137,3 +137,43 @@ def test_kernels_run_per_shard_under_a_mesh(reference):
     with att.pallas_interpret(), jax.set_mesh(mesh):
         got = out_and_grads(backend("splash"), *qkv(t, s, *heads), mask)
     assert_close(got, reference["causal_window_padded"])
+
+
+@pytest.mark.slow
+def test_towers_compile_with_the_tpu_kernels_for_a_v5e_slice():
+    """Through libtpu on this CPU: a tiny Mistral (causal, sliding window, padding, GQA) and SigLIP, bfloat16, their
+    gradients under `auto` on a 2x2 v5e mesh (data=2, tensor=2): splash and flash lower as Mosaic kernels per shard."""
+    from flax import nnx
+
+    from genllava_jax.models.mistral import Mistral, MistralConfig
+    from genllava_jax.models.siglip import SiglipVision, SiglipVisionConfig
+    from launch import aot
+
+    bf16 = dict(dtype="bfloat16", param_dtype="float32")
+    llm = Mistral(MistralConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                                num_kv_heads=2, head_dim=64, sliding_window=96, remat="full", **bf16),
+                  rngs=nnx.Rngs(0))
+    vit = SiglipVision(SiglipVisionConfig(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
+                                          image_size=56, patch_size=14, **bf16), rngs=nnx.Rngs(0))
+    mesh = aot.build_mesh(dict(data=2, tensor=2), aot.target_devices("v5e:2x2"))
+    (g_llm, s_llm), (g_vit, s_vit) = nnx.split(llm), nnx.split(vit)
+
+    def loss(s_llm, s_vit, ids, valid, images):
+        logits = nnx.merge(g_llm, s_llm)(ids, attention_mask=valid).logits
+        feats = nnx.merge(g_vit, s_vit)(images).features
+        return jnp.mean(logits.astype(jnp.float32) ** 2) + jnp.mean(feats.astype(jnp.float32) ** 2)
+
+    def abstract(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec())), tree)
+
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    args = (abstract(s_llm), abstract(s_vit), jax.ShapeDtypeStruct((4, 200), jnp.int32, sharding=rows),
+            jax.ShapeDtypeStruct((4, 200), jnp.int32, sharding=rows),
+            jax.ShapeDtypeStruct((4, 56, 56, 3), jnp.float32, sharding=rows))
+    # the tests' "highest" matmul precision would ask Mosaic for float32 passes on bfloat16 operands
+    with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
+    kernels = [line for line in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
+    names = " ".join(kernels)
+    assert "splash" in names and "flash" in names, names[:2000]
