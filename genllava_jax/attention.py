@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from genllava_jax import sharding as shd
+from genllava_jax import errors, sharding as shd
 
 BACKENDS = ("auto", "xla", "splash", "flash", "cudnn")
 _LANES = 128  # the kernels' sequence tiles are multiples of this
@@ -67,16 +67,17 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: Mas
               backend: str = "xla", scale: float | None = None) -> jax.Array:
     """Softmax attention (B, T, N, H); the output is tagged `attn_out` for the remat policies."""
     if backend not in BACKENDS:
-        raise ValueError(f"attention backend {backend!r}: choose one of {BACKENDS}")
+        raise errors.BadValue(f"attention backend {backend!r}: choose one of {BACKENDS}")
     if q_BTNH.shape[2] % k_BSKH.shape[2]:
-        raise ValueError(f"attention: {q_BTNH.shape[2]} query heads are not a multiple of {k_BSKH.shape[2]} KV heads")
+        raise errors.BadValue(f"attention: {q_BTNH.shape[2]} query heads are not a multiple of {k_BSKH.shape[2]} "
+                              f"KV heads")
     scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
     if mask.explicit_B1TS is not None:
         backend = "xla"
     elif backend == "auto":
         backend = auto_backend(q_BTNH, mask.causal)
     if backend == "flash" and mask.sliding_window is not None:
-        raise ValueError("attention backend 'flash' has no sliding window: use 'splash' or 'xla'")
+        raise errors.BadValue("attention backend 'flash' has no sliding window: use 'splash' or 'xla'")
     if backend in ("splash", "flash"):
         out = _kernel(backend, q_BTNH, k_BSKH, v_BSKH, mask, scale)
     elif backend == "cudnn":
@@ -170,7 +171,7 @@ def _kernel(name: str, q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float) -> jax.
     B, T, N, _ = q_BTNH.shape
     S, K = k_BSKH.shape[1:3]
     if mask.causal and T != S:
-        raise ValueError(f"attention: causal kernels need T == S, got T={T}, S={S}")
+        raise errors.BadValue(f"attention: causal kernels need T == S, got T={T}, S={S}")
     # segment ids: 1 valid, 0 padding (ours and the kernels' tile padding); a padding query then sees padding keys
     # only, and in causal self-attention at least itself
     q_seg = jnp.ones((B, T), jnp.int32) if mask.q_valid_BT is None else mask.q_valid_BT.astype(jnp.int32)

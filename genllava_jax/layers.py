@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from genllava_jax.errors import BadValue
 from genllava_jax.sharding import constrain
 
 Dtype = Any
@@ -156,7 +157,7 @@ def remat_policy(name: str):
     chosen = tuple(n for n in names.split(",") if n)
     bad = [n for n in chosen if n not in CHECKPOINT_NAMES]
     if kind not in ("save", "offload") or not chosen or bad:
-        raise ValueError(f"unknown remat policy {name!r}" + (f" (unknown names {bad})" if bad else "") +
+        raise BadValue(f"unknown remat policy {name!r}" + (f" (unknown names {bad})" if bad else "") +
                          f"; choose one of {sorted(REMAT_POLICIES)} or save:NAME,... / offload:NAME,... with names "
                          f"from {CHECKPOINT_NAMES}")
     return _cp.save_only_these_names(*chosen) if kind == "save" else _offload(*chosen)

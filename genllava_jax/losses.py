@@ -15,6 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from genllava_jax.errors import BadValue
+
 
 def _tile(w, i, tile: int, vocab_axis: int):
     """(the i-th tile of w, its columns' vocabulary ids, which of them are new) for a clamped slice."""
@@ -100,5 +102,5 @@ def tiled_cross_entropy(h_BTD: jax.Array, w: jax.Array, labels_BT: jax.Array, *,
     Labels must be valid ids (mask ignored positions after, as with the plain loss)."""
     V = w.shape[vocab_axis]
     if not 0 < tile <= V:
-        raise ValueError(f"tiled_cross_entropy: tile={tile} must be in 1..V={V}")
+        raise BadValue(f"tiled_cross_entropy: tile={tile} must be in 1..V={V}")
     return _tiled(h_BTD, w, labels_BT.astype(jnp.int32), tile, vocab_axis)

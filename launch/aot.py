@@ -75,7 +75,7 @@ def parse_remat(text: str) -> dict:
     pairs = [p.split("=", 1) for p in text.split(";")] if "=" in head else [(part, text) for part in REMAT_PARTS]
     for pair in pairs:
         if len(pair) != 2 or pair[0] not in REMAT_TOWERS:
-            raise ValueError(f"--remat={text!r}: {'='.join(pair)!r} is not PART=POLICY with PART one of "
+            raise errors.BadValue(f"--remat={text!r}: {'='.join(pair)!r} is not PART=POLICY with PART one of "
                              f"{REMAT_TOWERS}")
         remat_policy(pair[1])  # a clear error for an unknown policy, before any compile
     return dict(pairs)
@@ -175,7 +175,7 @@ def abstract_setup(c, mesh):
     state = shd.with_shardings(jax.eval_shape(functools.partial(train.init_state, tx=tx, seed=c.seed), params),
                                state_sh)
     s = train.Setup(graphdef, shd.with_shardings(frozen, frozen_sh), rest, state_sh, frozen_sh,
-                    functools.partial(shd.batch_shardings, mesh=mesh), tx, schedule, mesh)
+                    functools.partial(shd.batch_shardings, mesh=mesh), tx, schedule, mesh, tc.grad_clip)
     return state, s, cfg, model
 
 
