@@ -46,6 +46,7 @@ def loss_and_grads(tower, policy):
     return jax.jit(jax.value_and_grad(lambda s: loss(nnx.merge(graphdef, s))))(state)
 
 
+@pytest.mark.slow  # 37-73 s a tower on this shared machine (load ~10 on 2 cores)
 @pytest.mark.parametrize("tower", TOWERS)
 def test_named_policies_give_the_loss_and_gradients_of_none(tower):
     want = loss_and_grads(tower, "none")
