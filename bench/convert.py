@@ -114,7 +114,12 @@ def main():
     p.add_argument("--work", default="/tmp/genllava_bench_convert", help="models and outputs (~15 GB)")
     p.add_argument("--models", default="unet,mistral")
     p.add_argument("--quick", action="store_true", help="tiny models: checks the script, not the memory claim")
+    p.add_argument("--same", nargs=3, metavar=("SRC", "BACK", "PREFIX"), help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.same:  # in a child: torch and the tensors read would raise this process's RSS, and with it every later
+        # child's ru_maxrss (Linux counts the parent's resident pages at the fork in the child's peak)
+        print(json.dumps(same_tensors(Path(a.same[0]), Path(a.same[1]), a.same[2])))
+        return
     work = Path(a.work)
     py = sys.executable
     rows = []
@@ -133,7 +138,8 @@ def main():
         t_in, rss_in, _ = run_measured([py, "-m", "convert", kind, "--from-hf", str(src), "--out", str(ours)])
         t_out, rss_out, _ = run_measured([py, "-m", "convert", kind, "--to-hf", str(ours), "--out", str(back),
                                           "--max-shard-size", "1"])
-        exact, n = same_tensors(src, back, prefix)
+        _, _, same = run_measured([py, __file__, "--same", str(src), str(back), prefix])
+        exact, n = json.loads(same.strip().splitlines()[-1])
         t_ref, rss_ref, info = run_measured([py, "-c", RELOAD, kind, str(back), str(ref)])
         info = json.loads(info.strip().splitlines()[-1])
         reload_ok = not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))

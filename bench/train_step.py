@@ -110,7 +110,7 @@ def main():
     draws = [draws_of(cfg, jax.random.fold_in(jax.random.PRNGKey(c.seed), i), a.batch) for i in range(a.steps + 1)]
 
     fn = lambda st, fr, b: train.train_step(st, fr, b, graphdef=s.graphdef, rest=s.rest, tx=s.tx,
-                                            schedule=s.schedule)
+                                            schedule=s.schedule, grad_clip=s.grad_clip)
     flops = program_flops(fn, state, s.frozen, train.to_global(batches[0], s))
 
     step = train.jit_train_step(s)

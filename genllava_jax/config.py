@@ -49,6 +49,7 @@ def train_config() -> ml_collections.ConfigDict:
         warmup_steps=config_dict.placeholder(int),  # None: warmup_frac × steps
         final_lr_frac=0.0,  # the cosine decays to lr × this
         weight_decay=0.1, b1=0.9, b2=0.999, grad_clip=1.0,
+        mu_dtype=config_dict.placeholder(str),  # AdamW's first moment: None (float32, as the params) or "bfloat16"
         trainable=("projector/.*", "llm/.*", "head/.*", "null_cond"),  # regexes over parameter paths
         lr_scales=(),  # ((regex, factor), ...): the learning rate of matching parameters times the factor
         log_every=10, checkpoint_every=500, keep_checkpoints=3,

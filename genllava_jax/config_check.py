@@ -73,6 +73,22 @@ def _section_errors(name: str, d: dict, fields: dict, required: bool = True, che
     return errors
 
 
+def _choice_errors(name: str, part: dict) -> list[str]:
+    """A tower's attention backend and remat policy, checked before anything is built."""
+    from genllava_jax.attention import BACKENDS
+    from genllava_jax.layers import remat_policy
+
+    errors = []
+    if "attention" in part and part["attention"] not in BACKENDS:
+        errors.append(f"{name}.attention={part['attention']!r}: choose one of {BACKENDS}")
+    if "remat" in part:
+        try:
+            remat_policy(part["remat"])
+        except ValueError as e:
+            errors.append(f"{name}.remat: {e}")
+    return errors
+
+
 def validate(c) -> None:
     """Raises ValueError listing every unknown key (with the close match), missing key, wrong type or bad value."""
     from genllava_jax.models.genllava import PARTS, GenLLaVAConfig
@@ -97,6 +113,7 @@ def validate(c) -> None:
             if isinstance(d["model"].get(part), dict):
                 errors += _section_errors(f"model.{part}", d["model"][part],
                                           {f.name: None for f in dataclasses.fields(cls)}, required=False)
+                errors += _choice_errors(f"model.{part}", d["model"][part])
     if errors:
         raise BadValue("config errors:\n  " + "\n  ".join(errors))
 

@@ -9,19 +9,29 @@
    the right colour: the ceiling it puts on generation;
 3. joint-trains the tiny GenLLaVA with configs/tiny.py (<workdir>/train: checkpoints, metrics.jsonl, tb/);
 4. evaluates on held-out scenes and prints, and writes to <workdir>/metrics.json:
-   understanding_accuracy  exact answers to questions about held-out images,
+   understanding_accuracy  exact answers to questions about held-out images (and by kind of question);
+   generation and editing through the evaluation sweep's code (`sweep.run`, as a user's sweep scores them): the
+   held-out prompts written as a t2i prompt file and the held-out edits as a MagicBrush-style file (the world's
+   PNGs) in <workdir>/sweep, run on the trained checkpoint in two settings: `own` (an image only when the model
+   ends its answer with [SOI] itself) and `forced` ([SOI][IMG..] teacher-forced after every answer; metrics named
+   forced/...). From the sweep: generation_soi_rate / editing_soi_rate, *_images, editing_l1 / editing_l2
+   (MagicBrush's); its CLIP score, FID, CLIP-I, DINO and CLIP-T need encoder weights this machine does not have,
+   so, as in the sweep, they are left out. Then the pixel judge on the images the sweep saved:
    generation_accuracy     generated images whose shape colour *and* kind match the prompt,
    editing_accuracy        edited images whose colour and kind match the edit's target,
-   plus the colour-only accuracies (chance: 1/6). Images are judged by `synthetic.judge`: pixel statistics
-   (foreground = pixels far from the border colour; colour = nearest palette colour of its median; kind = fill ratio
-   of its bounding box), stated so the numbers can be checked. Sample grids go to <workdir>/*.png;
+   plus the colour-only accuracies (chance: 1/6); an answer without [SOI] (no image) counts as wrong. Images are
+   judged by `synthetic.judge`: pixel statistics (foreground = pixels far from the border colour; colour =
+   nearest palette colour of its median; kind = fill ratio of its bounding box), stated so the numbers can be
+   checked. Sample grids go to <workdir>/*.png;
 5. chats with, generates from and edits with the trained model through the CLIs' code path (<workdir>/generate.png,
    <workdir>/edit.png).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -47,9 +57,10 @@ flags.DEFINE_bool("resume", False, "continue a demo stopped during training (SIG
 FLAGS = flags.FLAGS
 
 
-def evaluate(model, tokenizer, c, eval_path: Path, num_per_task: int, sample_steps: int, out_dir: Path) -> dict:
+def evaluate(model, tokenizer, c, eval_path: Path, num_per_task: int, sample_steps: int, out_dir: Path,
+             train_dir: Path) -> dict:
+    """Understanding scored here on the model in memory; generation and editing through the sweep (`sweep_eval`)."""
     from genllava_jax import infer
-    from genllava_jax.data import synthetic
     from genllava_jax.data.pipeline import Encoder
     from genllava_jax.data.records import as_dict, read_records
     from genllava_jax.data.tokenizer import SpecialIds
@@ -74,18 +85,83 @@ def evaluate(model, tokenizer, c, eval_path: Path, num_per_task: int, sample_ste
     out["understanding_accuracy"] = float(np.mean(correct))
     out["understanding_by_question"] = by_question(questions, correct)
     examples = [f"  Q: {q}  A: {a!r}  (truth {t!r})" for q, a, t in list(zip(questions, answers, truth))[:4]]
-
-    for task, key, name in (("t2i", "scene", "generation"), ("edit", "target", "editing")):
-        rows = by_task[task]
-        images = infer.images(model, stack(rows), num_steps=sample_steps, guidance_scale=c.sample.guidance_scale)
-        judged = [synthetic.judge(im) for im in images]
-        want = [(r["meta"][key]["colour"], r["meta"][key]["kind"]) for r in rows]
-        out[f"{name}_accuracy"] = float(np.mean([j == w for j, w in zip(judged, want)]))
-        out[f"{name}_colour_accuracy"] = float(np.mean([j[0] == w[0] for j, w in zip(judged, want)]))
-        save_grid(images[:32], out_dir / f"{name}_samples.png")
-        (out_dir / f"{name}_samples.txt").write_text("\n".join(
-            f"{i}: {r['conversations'][0]['value']}  -> judged {j}" for i, (r, j) in enumerate(zip(rows[:32], judged))))
+    out.update(sweep_eval(c, train_dir, by_task["t2i"], by_task["edit"], eval_path.parent, sample_steps, out_dir))
     return out, examples
+
+
+# the sweep's metrics the demo cannot have: their encoders' weights are not on this machine
+LEFT_OUT = "CLIP score, FID, CLIP-FID, CLIP-I, DINO, CLIP-T: left out as the sweep leaves them out without --clip, " \
+           "--inception, --dino weights (none on this machine)"
+
+
+def sweep_eval(c, train_dir: Path, t2i_rows: list, edit_rows: list, data_dir: Path, sample_steps: int,
+               out_dir: Path) -> dict:
+    """Generation and editing as a user's sweep scores them: the held-out prompts written as a t2i prompt file,
+    the held-out edits as a MagicBrush-style file (the world's PNGs), run by `sweep.run` on the trained checkpoint
+    in two settings: `own` (the image only when the model ends its answer with [SOI]: soi_rate) and `forced`
+    ([SOI][IMG..] forced after every answer, metrics named forced/...). Its metrics (soi_rate, images, l1, l2)
+    become generation_* / editing_*; `synthetic.judge` then scores the images it saved: generation_accuracy etc.
+    (own setting, an answer without [SOI] counts as wrong) and forced/generation_accuracy etc."""
+    import jax
+
+    from genllava_jax import infer, sweep
+    from genllava_jax.data import synthetic
+    from genllava_jax.evaluate import generation
+
+    root = out_dir / "sweep"
+    shutil.rmtree(root, ignore_errors=True)  # the sweep resumes finished cells: an earlier demo's would be reused
+    root.mkdir(parents=True)
+    rows = {"t2i": t2i_rows, "edit": edit_rows}
+    files = {t: root / f"{t}.jsonl" for t, r in rows.items() if r}  # (a tiny demo's few held-out records may have none)
+    if "t2i" in files:
+        files["t2i"].write_text("".join(json.dumps({"id": r["id"], "prompt": r["conversations"][0]["value"]}) + "\n"
+                                        for r in t2i_rows))
+    if "edit" in files:
+        files["edit"].write_text("".join(json.dumps({
+            "id": r["id"], "source": r["image"], "target": r["target_image"], "caption": r["caption"],
+            "instruction": r["conversations"][0]["value"].replace("<image>", "").strip()}) + "\n" for r in edit_rows))
+    benchmarks = {t: sweep.Benchmark(t, (str(f),) if t == "t2i" else (str(f), str(data_dir))) for t, f in files.items()}
+    own = infer.Settings(max_new_tokens=8, num_steps=sample_steps, guidance_scale=c.sample.guidance_scale,
+                         sampler=c.sample.sampler)
+    settings = {"own": own, "forced": dataclasses.replace(own, force_image=True)}
+    n = jax.device_count()  # one batch per benchmark; the longest prompt + answer + [SOI][IMG..] fits the 2nd bucket
+    batch = -(-max(map(len, rows.values())) // n) * n
+    buckets = (c.data.max_len, c.data.max_len + own.max_new_tokens + c.data.num_img_tokens + 1)
+    if benchmarks:
+        sweep.run([str(train_dir)], list(benchmarks.values()), settings, root, batch_size=batch,
+                  length_buckets=buckets)
+
+    out = {}
+    ckpt = sweep.Checkpoint(os.path.normpath(str(train_dir)), sweep.latest_step(train_dir))
+    for task, key, name in (("t2i", "scene", "generation"), ("edit", "target", "editing")):
+        if task not in benchmarks:
+            continue
+        want = {r["id"]: (r["meta"][key]["colour"], r["meta"][key]["kind"]) for r in rows[task]}
+        items = generation.READERS[task](*benchmarks[task].files)
+        for setting, s in settings.items():
+            cell = sweep.Cell(ckpt, setting, s, benchmarks[task])
+            prefix = "forced/" if s.force_image else ""
+            done = json.loads(cell.path(root, ".done.json").read_text())
+            for m, v in done["metrics"].items():
+                if not (prefix and m == "soi_rate"):  # the same answers as own's: its soi_rate is own's
+                    out[f"{prefix}{name}_{m.removeprefix('forced/')}"] = v
+            recs = sweep.read_answer_records(cell.path(root, ".jsonl"))
+            made = {it.question_id: recs[it.key]["metadata"].get("image") for it in items}
+            images = {q: np.asarray(Image.open(cell.path(root, "_images") / f).convert("RGB"))
+                      for q, f in made.items() if f}
+            judged = {q: synthetic.judge(im) for q, im in images.items()}
+            got = [judged.get(q, (None, None)) for q in want]  # no image: judged wrong
+            out[f"{prefix}{name}_accuracy"] = float(np.mean([g == w for g, w in zip(got, want.values())]))
+            out[f"{prefix}{name}_colour_accuracy"] = float(np.mean([g[0] == w[0] for g, w in zip(got, want.values())]))
+            if not prefix and images:
+                shown = [q for q in want if q in images][:32]
+                save_grid(np.stack([images[q] for q in shown]), out_dir / f"{name}_samples.png")
+                by_id = {r["id"]: r for r in rows[task]}
+                (out_dir / f"{name}_samples.txt").write_text("\n".join(
+                    f"{i}: {by_id[q]['conversations'][0]['value']}  -> judged {judged[q]}"
+                    for i, q in enumerate(shown)))
+    out["sweep"] = {"out": str(root), "results": str(root / "results.md"), "left_out": LEFT_OUT}
+    return out
 
 
 def by_question(questions: list[str], correct: list[bool]) -> dict[str, float]:
@@ -205,18 +281,25 @@ def main(_):
     t0 = time.time()
     model, _ = train.load_trained(work / "train")
     tokenizer = load_tokenizer(c.data.tokenizer, c.data.num_img_tokens)
-    metrics, examples = evaluate(model, tokenizer, c, paths["eval"], FLAGS.num_eval, FLAGS.sample_steps, work)
+    metrics, examples = evaluate(model, tokenizer, c, paths["eval"], FLAGS.num_eval, FLAGS.sample_steps, work,
+                                work / "train")
     times["eval_s"] = time.time() - t0
     metrics.update({**vae_metrics, **{k: round(v, 1) for k, v in times.items()}, "train_steps": c.train.steps,
                     "devices": jax.device_count()})
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print("[4/5] held-out evaluation:")
     print("\n".join(examples))
-    for k in ("understanding_accuracy", "generation_accuracy", "generation_colour_accuracy", "editing_accuracy",
-              "editing_colour_accuracy"):
-        print(f"  {k:28s} {metrics[k]:.1%}")
-        if k == "understanding_accuracy":
-            print("\n".join(f"    {q:34s} {v:.0%}" for q, v in metrics["understanding_by_question"].items()))
+    print(f"  {'understanding_accuracy':28s} {metrics['understanding_accuracy']:.1%}")
+    print("\n".join(f"    {q:34s} {v:.0%}" for q, v in metrics["understanding_by_question"].items()))
+    print(f"  generation and editing through the sweep ({metrics['sweep']['results']}): own = the model's own [SOI], "
+          f"forced = [SOI][IMG..] teacher-forced")
+    print(f"  {'':28s} {'own':>7s} {'forced':>7s}")
+    for k in ("generation_accuracy", "generation_colour_accuracy", "generation_soi_rate", "editing_accuracy",
+              "editing_colour_accuracy", "editing_soi_rate", "editing_l1", "editing_l2"):
+        fmt = (lambda v: f"{v:7.4f}") if k.endswith(("_l1", "_l2")) else (lambda v: f"{v:7.1%}")
+        forced = metrics.get(f"forced/{k}")
+        print(f"  {k:28s} {fmt(metrics[k]) if k in metrics else '      -'} {'' if forced is None else fmt(forced)}")
+    print(f"  ({LEFT_OUT})")
     print(f"metrics: {work / 'metrics.json'}; samples: {work}/generation_samples.png, {work}/editing_samples.png")
     t0 = time.time()
     talk(model, tokenizer, c, paths["eval"], work)

@@ -1,4 +1,6 @@
-"""Layers shared by the towers: linears, norms, embeddings, RoPE, attention, scan over stacked layers.
+"""Layers shared by the towers: linears, norms, embeddings, RoPE, scan over stacked layers under a remat policy.
+
+Attention is `genllava_jax.attention`.
 
 Every parameter carries logical axis names in its `out_sharding` metadata; `sharding.py` maps them to the mesh.
 Kernels are stored (in, out) or (in, heads, head_dim); converters reshape from torch's (out, in).
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from genllava_jax.errors import BadValue
 from genllava_jax.sharding import constrain
 
 Dtype = Any
@@ -114,57 +117,57 @@ def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Attention
-
-
-def attention_mask(q_pos_BT: jax.Array, k_pos_BS: jax.Array, k_valid_BS: jax.Array, *, causal: bool = True,
-                   sliding_window: int | None = None) -> jax.Array:
-    """Boolean (B, 1, T, S) mask from positions: key valid, not in the future, and inside the window."""
-    mask = k_valid_BS[:, None, None, :].astype(bool)
-    diff = q_pos_BT[:, None, :, None] - k_pos_BS[:, None, None, :]
-    if causal:
-        mask &= diff >= 0
-    if sliding_window is not None:
-        mask &= diff < sliding_window
-    return mask
-
-
-def dot_product_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_B1TS: jax.Array | None,
-                          scale: float | None = None) -> jax.Array:
-    """Softmax attention with grouped KV heads (N a multiple of K), softmax in float32.
-
-    Fully masked rows (padding queries) give a uniform average instead of NaN.
-    """
-    B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
-    scale = H ** -0.5 if scale is None else scale
-    q = q_BTNH.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH, preferred_element_type=jnp.float32) * scale
-    if mask_B1TS is not None:
-        logits = jnp.where(mask_B1TS[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
-    return out.reshape(B, T, N, H)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Stacked layers: built with nnx.vmap (adds a leading "layers" axis to every parameter), run with lax.scan.
+
+# Activations the towers tag with `checkpoint_name`, for remat policies that save (or offload) just these.
+CHECKPOINT_NAMES = ("layer_input", "q_proj", "k_proj", "v_proj", "attn_out", "out_proj", "mlp_in", "mlp_out")
+_ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "attn_out", "out_proj")
+_cp = jax.checkpoint_policies
+
+
+def _offload(*names):
+    return _cp.save_and_offload_only_these_names(names_which_can_be_saved=(), names_which_can_be_offloaded=names,
+                                                 offload_src="device", offload_dst="pinned_host")
+
 
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+    "full": _cp.nothing_saveable,
+    "dots_saveable": _cp.dots_saveable,
+    "dots_with_no_batch_dims_saveable": _cp.dots_with_no_batch_dims_saveable,
+    "everything_saveable": _cp.everything_saveable,
+    # by name: the attention's projections and output kept, the MLP (the most activation memory: its hidden width
+    # is 3.5x the model's in Mistral-7B) recomputed; or everything named kept
+    "save_qkv_proj": _cp.save_only_these_names("q_proj", "k_proj", "v_proj"),
+    "save_dots_except_mlp": _cp.save_only_these_names(*_ATTENTION_NAMES),
+    "save_all_names": _cp.save_only_these_names(*CHECKPOINT_NAMES),
+    # kept in host memory and copied back for the backward pass. "layer_input" is what full remat keeps on the
+    # device (each scanned layer's input); offloading it leaves the device with one layer's activations at a time
+    "offload_layer_input": _offload("layer_input"),
+    "offload_dots_except_mlp": _offload(*_ATTENTION_NAMES),
+    "offload_all_names": _offload(*CHECKPOINT_NAMES),
 }
 
 
+def remat_policy(name: str):
+    """A policy by name: a key of REMAT_POLICIES, or "save:NAME,..." / "offload:NAME,..." over CHECKPOINT_NAMES."""
+    if name in REMAT_POLICIES:
+        return REMAT_POLICIES[name]
+    kind, _, names = name.partition(":")
+    chosen = tuple(n for n in names.split(",") if n)
+    bad = [n for n in chosen if n not in CHECKPOINT_NAMES]
+    if kind not in ("save", "offload") or not chosen or bad:
+        raise BadValue(f"unknown remat policy {name!r}" + (f" (unknown names {bad})" if bad else "") +
+                         f"; choose one of {sorted(REMAT_POLICIES)} or save:NAME,... / offload:NAME,... with names "
+                         f"from {CHECKPOINT_NAMES}")
+    return _cp.save_only_these_names(*chosen) if kind == "save" else _offload(*chosen)
+
+
 def remat(fn: Callable, policy: str) -> Callable:
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {policy!r}; choose one of {sorted(REMAT_POLICIES)}")
+    pol = remat_policy(policy)
     if policy == "none":
         return fn
-    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
+    return jax.checkpoint(fn, policy=pol, prevent_cse=False)
 
 
 def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:

@@ -9,6 +9,7 @@ OCDBT ones included, without restoring the rest.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import time
@@ -66,6 +67,15 @@ def save_args(abs_state):
     return jax.tree.map(one, abs_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def _release_freed() -> None:
+    """Hands freed heap memory back to the OS: glibc keeps what tensorstore's compression buffers freed resident
+    (~0.15 GB after a 130 MB tensor), on top of which the next tensor is read (BENCHMARKS.md, convert)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 class ParamWriter:
     """Creates the arrays of `abs_state` (nnx.eval_shape'd params) in `folder`; `write` fills them; `finish` checks
     that every array and layer was written and writes the metadata that makes the folder an orbax checkpoint."""
@@ -103,12 +113,12 @@ class ParamWriter:
         want = self.shape(path)[1:] if layer is not None else self.shape(path)
         if tuple(value.shape) != want:
             raise ValueError(f"{path}{'' if layer is None else f'[{layer}]'}: shape {value.shape}, expected {want}")
-        if layer is None and self._todo[path] != {None}:  # a stacked array given whole
-            arr.write(value).result()
-            self._todo[path] = set()
-            return
-        (arr if layer is None else arr[layer]).write(value).result()
-        self._todo[path].discard(layer)
+        # tensorstore may then use `value` itself instead of a copy: it is C-ordered and the write is awaited
+        value = np.ascontiguousarray(value)
+        whole = layer is None and self._todo[path] != {None}  # a stacked array given whole
+        (arr if layer is None else arr[layer]).write(value, can_reference_source_data_indefinitely=True).result()
+        self._todo[path] = set() if whole else self._todo[path] - {layer}
+        _release_freed()
 
     def finish(self) -> None:
         missing = [f"{p}{'' if i is None else f'[{i}]'}" for p, todo in self._todo.items() for i in sorted(

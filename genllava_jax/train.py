@@ -44,15 +44,18 @@ from genllava_jax.models.genllava import GenLLaVA, GenLLaVAConfig
 
 
 def make_optimizer(tc) -> optax.GradientTransformation:
-    """AdamW with linear warm-up then cosine decay, and global-norm clipping (config `train`). `train.lr_scales`
-    ((regex, factor), ...): the learning rate of the params whose path matches a regex (the first that does) times
-    its factor, as LLaVA's separate projector / vision-tower learning rates."""
+    """AdamW with linear warm-up then cosine decay (config `train`); the global-norm clipping (`train.grad_clip`) is
+    the step's, which has the norm already (`clip_gradients`). `train.lr_scales` ((regex, factor), ...): the learning
+    rate of the params whose path matches a regex (the first that does) times its factor, as LLaVA's separate
+    projector / vision-tower learning rates. `train.mu_dtype` ("bfloat16"): AdamW's first moment in that dtype (half
+    its memory); the second moment stays float32 (its (1 - b2) = 0.001 increments are below bfloat16's resolution)."""
     warmup = max(1, int(tc.warmup_frac * tc.steps)) if tc.warmup_steps is None else tc.warmup_steps
     schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.steps, warmup + 1),
                                                   end_value=tc.lr * tc.final_lr_frac)
     scales = [(re.compile(pattern), float(factor)) for pattern, factor in tc.lr_scales]
-    chain = [optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip else optax.identity(),
-             optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay)]
+    # identity first: the place (and the empty state) clip_by_global_norm had, so older checkpoints still restore
+    chain = [optax.identity(), optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
+                                           mu_dtype=tc.mu_dtype)]
     if scales:  # scaling AdamW's update = scaling its learning rate (weight decay included, as torch param groups)
         def label(path, _):  # the path as trainable_filter names it (without a Variable's trailing .value)
             name = "/".join(str(getattr(k, "key", getattr(k, "idx", ""))) for k in path
@@ -95,6 +98,7 @@ class Setup:
     tx: optax.GradientTransformation
     schedule: Callable
     mesh: Any
+    grad_clip: float = 0.0  # global-norm clipping (0: none), done by the step
 
 
 def _opt_shardings(abs_opt, abs_params, param_shardings, mesh):
@@ -135,7 +139,7 @@ def setup(model: nnx.Module, tc, mesh, seed: int = 0):
     state = jax.jit(functools.partial(init_state, tx=tx, seed=seed), out_shardings=state_sh)(params)
 
     return state, Setup(graphdef, frozen, rest, state_sh, shd.state_shardings(frozen, mesh),
-                        functools.partial(shd.batch_shardings, mesh=mesh), tx, schedule, mesh)
+                        functools.partial(shd.batch_shardings, mesh=mesh), tx, schedule, mesh, tc.grad_clip)
 
 
 def to_global(batch: dict, s: Setup) -> dict:
@@ -154,7 +158,14 @@ def _loss(graphdef, params, frozen, rest, batch, rng):
     return model.loss(batch, rng)
 
 
-def train_step(state, frozen, batch, *, graphdef, rest, tx, schedule, accum: int = 1):
+def clip_gradients(grads, grad_norm, max_norm: float):
+    """optax.clip_by_global_norm's update, to the bit, with the norm given (the step computes it once)."""
+    if not max_norm:
+        return grads
+    return jax.tree.map(lambda g: jnp.where(grad_norm < max_norm, g, g / grad_norm.astype(g.dtype) * max_norm), grads)
+
+
+def train_step(state, frozen, batch, *, graphdef, rest, tx, schedule, accum: int = 1, grad_clip: float = 0.0):
     """One optimizer update; with `accum` > 1 the batch's leading axis is split into micro-batches (lax.scan)."""
     rng = jax.random.fold_in(state["rng"], state["step"])
     grad_fn = jax.value_and_grad(functools.partial(_loss, graphdef), has_aux=True)
@@ -176,15 +187,18 @@ def train_step(state, frozen, batch, *, graphdef, rest, tx, schedule, accum: int
         loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
     with jax.named_scope("optimizer"):  # names its ops in the compiled program (launch/simulate.py)
         grad_norm = optax.global_norm(grads)
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        new = {"params": optax.apply_updates(state["params"], updates), "opt": opt, "step": state["step"] + 1,
-               "rng": state["rng"]}
-        # known before the update, so XLA fuses update and select leaf by leaf (no second copy of the state); with
-        # a finite gradient norm and learning rate the update is finite, and checkpoints refuse non-finite values
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new["params"], new["opt"] = jax.tree.map(lambda a, b: jnp.where(ok, a, b), (new["params"], new["opt"]),
-                                                 (state["params"], state["opt"]))
-    new["skipped"] = state["skipped"] + (~ok).astype(jnp.int32)
+        grads = clip_gradients(grads, grad_norm, grad_clip)
+
+        def update(params, opt):
+            updates, opt = tx.update(grads, opt, params)
+            return optax.apply_updates(params, updates), opt
+
+        # skip a non-finite step with a cond, not a select of old and new state: the update is then one fusion per
+        # parameter on TPU (a select of bfloat16 moments split it in two), and the clipping's norm is the one above
+        params, opt = jax.lax.cond(ok, update, lambda p, o: (p, o), state["params"], state["opt"])
+    new = {"params": params, "opt": opt, "step": state["step"] + 1, "rng": state["rng"],
+           "skipped": state["skipped"] + (~ok).astype(jnp.int32)}
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "skipped": (~ok).astype(jnp.int32),
                **aux}
     return new, metrics
@@ -192,7 +206,8 @@ def train_step(state, frozen, batch, *, graphdef, rest, tx, schedule, accum: int
 
 def jit_train_step(s: Setup, accum: int = 1):
     """The one jitted step: explicit shardings, the train state donated."""
-    fn = functools.partial(train_step, graphdef=s.graphdef, rest=s.rest, tx=s.tx, schedule=s.schedule, accum=accum)
+    fn = functools.partial(train_step, graphdef=s.graphdef, rest=s.rest, tx=s.tx, schedule=s.schedule, accum=accum,
+                           grad_clip=s.grad_clip)
     return jax.jit(fn, in_shardings=(s.state_shardings, s.frozen_shardings, None),
                    out_shardings=(s.state_shardings, None), donate_argnums=(0,))
 

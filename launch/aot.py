@@ -1,8 +1,9 @@
 """Does it fit? Compiles the joint train step (and the eval step) for a TPU topology on this CPU, via libtpu.
 
     python -m launch.aot --config=configs/genllava_7b.py --topology=v5p-8 --config.data.max_len=2048 \
-        [--mesh=data=1,fsdp=-1,tensor=1] [--remat=full] [--per_device_batch=2]
-    python -m launch.aot ... --search [--meshes="fsdp=16;fsdp=8,tensor=2"] [--remats=full]
+        [--mesh=data=1,fsdp=-1,tensor=1] [--remat=full | --remat="llm=save_dots_except_mlp;unet=full"] \
+        [--per_device_batch=2] [--config.model.llm.attention=xla]
+    python -m launch.aot ... --search [--meshes="fsdp=16;fsdp=8,tensor=2"] [--remats="full;offload_layer_input"]
     python -m launch.aot ... --simulate [--reduced_depth=llm=2,vision=3] [--pallas_efficiency=0.5]
 
 Nothing is allocated: the model, train state and batch are abstract (shapes, dtypes and the shardings the rules
@@ -65,8 +66,35 @@ TOPOLOGIES = {
     "v5e-128": ("v5e:8x16", "default", (False, True, False)), "v5e-256": ("v5e:16x16", "default", (True, True, False)),
 }
 HBM_GIB = {"TPU v4": 32, "TPU v5": 95, "TPU v5 lite": 16, "TPU v6 lite": 32}  # per chip, by device_kind
-REMAT_PARTS = ("llm", "unet")  # --remat sets these: the parts with a backward pass and large activations
-REMAT_ORDER = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "full")  # least recompute first
+REMAT_PARTS = ("llm", "unet")  # --remat=POLICY sets these: the parts with a backward pass and large activations
+REMAT_TOWERS = ("vision", "llm", "head", "unet")  # --remat=PART=POLICY;... may set any of these
+# least recompute first (an offload after the same policy kept on the device: it adds host transfers)
+REMAT_ORDER = ("none", "everything_saveable", "save_all_names", "offload_all_names", "dots_saveable",
+               "save_dots_except_mlp", "offload_dots_except_mlp", "dots_with_no_batch_dims_saveable",
+               "save_qkv_proj", "full", "offload_layer_input")
+
+
+def parse_remat(text: str) -> dict:
+    """--remat: a policy for REMAT_PARTS ("full", "save:q_proj,k_proj", see layers.REMAT_POLICIES) or policies
+    per part, ';'-separated: "llm=save_dots_except_mlp;unet=full"."""
+    from genllava_jax.layers import remat_policy
+
+    head = text.split(":")[0]
+    pairs = [p.split("=", 1) for p in text.split(";")] if "=" in head else [(part, text) for part in REMAT_PARTS]
+    for pair in pairs:
+        if len(pair) != 2 or pair[0] not in REMAT_TOWERS:
+            raise errors.BadValue(f"--remat={text!r}: {'='.join(pair)!r} is not PART=POLICY with PART one of "
+                             f"{REMAT_TOWERS}")
+        remat_policy(pair[1])  # a clear error for an unknown policy, before any compile
+    return dict(pairs)
+
+
+def parse_remats(text: str) -> list[str]:
+    """--remats: policies ';'-separated (or ','-separated when none of them is a "save:"/"offload:" name list)."""
+    items = text.split(";") if ";" in text or ":" in text else text.split(",")
+    for item in items:
+        parse_remat(item)
+    return items
 
 
 def target_devices(topology: str) -> list:
@@ -155,7 +183,7 @@ def abstract_setup(c, mesh):
     state = shd.with_shardings(jax.eval_shape(functools.partial(train.init_state, tx=tx, seed=c.seed), params),
                                state_sh)
     s = train.Setup(graphdef, shd.with_shardings(frozen, frozen_sh), rest, state_sh, frozen_sh,
-                    functools.partial(shd.batch_shardings, mesh=mesh), tx, schedule, mesh)
+                    functools.partial(shd.batch_shardings, mesh=mesh), tx, schedule, mesh, tc.grad_clip)
     return state, s, cfg, model
 
 
@@ -262,12 +290,13 @@ def analytic_flops(c, rows: int, trainable: set[str]) -> dict:
                           trainable=trainable)
 
 
-def configure(c, *, remat: str | None = None, mesh: dict | None = None):
-    """A copy of config `c` with the remat policy of REMAT_PARTS and the mesh replaced."""
+def configure(c, *, remat: str | dict | None = None, mesh: dict | None = None):
+    """A copy of config `c` with the remat policies (one for REMAT_PARTS, or a dict part -> policy) and the mesh
+    replaced."""
     c = ml_collections.ConfigDict(c.to_dict())
     if remat is not None:
-        for part in REMAT_PARTS:
-            c.model[part].remat = remat
+        for part, policy in (remat.items() if isinstance(remat, dict) else parse_remat(remat).items()):
+            c.model[part].remat = policy
     if mesh is not None:
         c.mesh = dict(mesh)
     return c
@@ -288,7 +317,7 @@ def check(c, devices, *, per_device_batch: int | None = None, eval_step: bool = 
     kind = devices[0].device_kind
     hbm = HBM_GIB[kind] * GiB
     r = {"kind": kind, "chips": len(devices), "mesh": dict(mesh.shape),
-         "remat": {p: getattr(cfg, p).remat for p in REMAT_PARTS},
+         "remat": {p: getattr(cfg, p).remat for p in REMAT_TOWERS},
          "global_batch": global_batch, "per_device_batch": global_batch // batch_shards, "seq_len": c.data.max_len,
          "params": {"trainable": sum(x.size for x in jax.tree.leaves(state["params"])),
                     "frozen": sum(x.size for x in jax.tree.leaves(s.frozen))},
@@ -478,8 +507,8 @@ def best_row(rows: list[dict]) -> dict | None:
     ok = [r for r in rows if r["per_device_batch"]]
     if not ok:
         return None
-    rank = lambda r: REMAT_ORDER.index(r["remat"]) if r["remat"] in REMAT_ORDER else len(REMAT_ORDER)  # noqa: E731
-    return max(ok, key=lambda r: (r.get("mfu") or 0.0, r["global_batch"], -rank(r), -r["mesh"]["tensor"]))
+    rank = lambda p: REMAT_ORDER.index(p) if p in REMAT_ORDER else len(REMAT_ORDER)  # noqa: E731
+    return max(ok, key=lambda r: (r.get("mfu") or 0.0, r["global_batch"], -rank(r["remat"]), -r["mesh"]["tensor"]))
 
 
 def main(argv):
@@ -497,7 +526,7 @@ def main(argv):
     if F.search:
         meshes = [parse_mesh(m) for m in F.meshes.split(";")] if F.meshes else mesh_candidates(len(devices))
         print(f"searching {F.topology}: meshes {meshes}, remat {F.remats}", flush=True)
-        rows = search(c, devices, F.remats, meshes, log=progress, simulate=simulation)
+        rows = search(c, devices, parse_remats(F.remats), meshes, log=progress, simulate=simulation)
         for row in rows:
             oom = f"{row['oom_at']} is OOM" if row["oom_at"] else "no larger batch tried"
             mfu = f", simulated MFU {row['mfu'] * 100:.1f} %" if row.get("mfu") else ""
@@ -528,13 +557,15 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=False)
     flags.DEFINE_string("topology", None, f"one of {sorted(TOPOLOGIES)}, or libtpu's name such as v5e:2x2")
     flags.DEFINE_string("mesh", None, "e.g. data=1,fsdp=-1,tensor=2 (default: the config's mesh)")
-    flags.DEFINE_enum("remat", None, list(REMAT_ORDER) + ["everything_saveable"],
-                      f"remat policy of {REMAT_PARTS} (default: the config's)")
+    flags.DEFINE_string("remat", None, f"remat policy of {REMAT_PARTS}, one of {REMAT_ORDER} or save:NAME,... / "
+                                       f"offload:NAME,... (layers.CHECKPOINT_NAMES); or per part, e.g. "
+                                       f"\"llm=save_dots_except_mlp;unet=full\" (default: the config's)")
     flags.DEFINE_integer("per_device_batch", None, "rows per batch shard (default: the config's train.batch_size "
                                                    "as the global batch)")
     flags.DEFINE_bool("eval_step", True, "also compile the eval step (--noeval_step: the train step only)")
     flags.DEFINE_bool("search", False, "search mesh shapes, remat policies and the per-device batch")
-    flags.DEFINE_list("remats", ["full", "dots_with_no_batch_dims_saveable"], "remat policies --search tries")
+    flags.DEFINE_string("remats", "full;dots_with_no_batch_dims_saveable",
+                        "remat policies --search tries, ';'-separated (',' also, without save:/offload: lists)")
     flags.DEFINE_string("meshes", None, "mesh shapes --search tries, ';'-separated, e.g. \"fsdp=16;fsdp=8,tensor=2\" "
                                         "(default: fully sharded, 2- and 4-way tensor, 2 data replicas)")
     flags.DEFINE_bool("simulate", False, "simulate the train step's time from the compiled program (libtpu's cost "

@@ -88,6 +88,23 @@ def test_largest_batch_follows_the_memory_line(monkeypatch):
     assert aot.best_row(rows)["remat"] == "dots_saveable"  # same batch, less recompute
 
 
+def test_remat_flags_take_named_policies_per_part():
+    assert aot.parse_remat("save_dots_except_mlp") == {"llm": "save_dots_except_mlp", "unet": "save_dots_except_mlp"}
+    assert aot.parse_remat("llm=save:q_proj,mlp_in;vision=offload_layer_input") == {
+        "llm": "save:q_proj,mlp_in", "vision": "offload_layer_input"}
+    c = aot.configure(tiny_config(), remat="llm=offload_dots_except_mlp;head=full")
+    assert (c.model.llm.remat, c.model.head.remat, c.model.unet.get("remat", "none")) == (
+        "offload_dots_except_mlp", "full", "none")
+    assert aot.parse_remats("full,save_qkv_proj") == ["full", "save_qkv_proj"]
+    assert aot.parse_remats("full;save:q_proj,k_proj") == ["full", "save:q_proj,k_proj"]
+    for bad, msg in [("fulll", "unknown remat policy 'fulll'"), ("llm=full;decoder=full", "'decoder=full' is not")]:
+        with pytest.raises(ValueError, match=msg):
+            aot.parse_remat(bad)
+    rows = [{"mesh": dict(tensor=1), "remat": r, "per_device_batch": 2, "global_batch": 8}
+            for r in ("full", "save:mlp_in", "save_dots_except_mlp")]
+    assert aot.best_row(rows)["remat"] == "save_dots_except_mlp"  # a name list ranks after the known policies
+
+
 def test_largest_batch_bisects_where_memory_bends(monkeypatch):
     """Memory 1 + b²/100 GiB: the line from batches 1, 2 overshoots far; bisection then closes in on 38."""
     tried = []

@@ -61,3 +61,26 @@ def test_generate_command_line(workdir, tmp_path):
     bad = subprocess.run([str(exe), f"--workdir={tmp_path / 'nope'}", "--prompt=x"], capture_output=True, text=True,
                          env=env, timeout=600)
     assert bad.returncode != 0 and "no config.json" in bad.stderr
+
+
+def test_datagen_demo_on_a_trained_model(workdir, tmp_path):
+    """`make datagen-demo`'s script, at 2 scenes and 2 topics on the (two-step) micro model."""
+    import json
+
+    from genllava_jax import errors
+    from genllava_jax.datagen import demo
+
+    with pytest.raises(errors.MissingFile, match="make demo"):
+        demo.run(tmp_path / "x", tmp_path / "nope")
+    out = tmp_path / "datagen"
+    r = demo.run(out, workdir, num_scenes=2, num_topics=2, steps=2, num_reply_topics=0)
+    assert json.loads((out / "report.json").read_text()) == r
+    assert [r[k]["total"] for k in ("llava", "stablellava", "stablellava_reply")] == [6, 2, 0]  # 2 scenes x 3 asks
+    for name in ("llava", "stablellava"):  # what it kept, the training pipeline reads with no skips
+        assert r["read_back"][f"{name}.jsonl"]["rows"] == r[name]["kept"], r
+        assert r["read_back"][f"{name}.jsonl"]["skipped"] == {}, r
+        lines = (out / f"{name}.jsonl").read_text().splitlines() if r[name]["kept"] else []
+        rejected = (out / f"{name}.rejected.jsonl").read_text().splitlines() if r[name]["filtered"] else []
+        assert len(lines) + len(rejected) == r[name]["total"]
+    # every image prompt the LLM wrote was rendered and judged (or filtered before rendering)
+    assert r["judge"]["rendered"] <= 2 and r["judge"]["colour_right"] <= r["judge"]["colour_named"]

@@ -74,4 +74,47 @@ def test_sigterm_during_training_stops_without_scores_and_says_how_to_resume(tmp
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "(reused)" in out.stdout and "VAE fitted" in out.stdout and f"resumed from step {stopped} " in out.stdout
     assert "[3/5] trained 40 steps" in out.stdout and "[4/5] held-out evaluation" in out.stdout
-    assert (tmp_path / "demo" / "metrics.json").exists()
+    _check_sweep_metrics(tmp_path / "demo", out.stdout)
+
+
+def _check_sweep_metrics(work, stdout):
+    """The finished demo's generation and editing came through the sweep: its metrics are in metrics.json and sane,
+    and the judge's accuracies are those of the images the sweep saved."""
+    import json
+
+    import numpy as np
+
+    m = json.loads((work / "metrics.json").read_text())
+    assert "left out as the sweep leaves them out" in stdout and "generation_soi_rate" in stdout
+    results = (work / "sweep" / "results.md").read_text()
+    assert "| own |" in results and "| forced |" in results
+    for task, name, key in (("t2i", "generation", "scene"), ("edit", "editing", "target")):
+        recs = [json.loads(line) for line in (work / "sweep" / f"{task}.jsonl").read_text().splitlines()]
+        assert recs, f"no held-out {task} records"
+        assert 0 <= m[f"{name}_soi_rate"] <= 1 and f"forced/{name}_soi_rate" not in m
+        assert m[f"{name}_images"] == round(m[f"{name}_soi_rate"] * len(recs))
+        assert m[f"forced/{name}_images"] == len(recs)  # forced: every answer gets its image
+        want = {}
+        for line in (work / "data" / "eval.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            want[r["id"]] = (r["meta"][key]["colour"], r["meta"][key]["kind"]) if r["task"] == task else None
+        for setting, prefix in (("own", ""), ("forced", "forced/")):
+            cell = next((work / "sweep" / "cells").glob(f"*/{setting}"))
+            answers = [json.loads(line) for line in (cell / f"{task}.jsonl").read_text().splitlines()]
+            assert [a["question_id"] for a in answers] == [r["id"] for r in recs]
+            images = [a["metadata"]["image"] for a in answers]  # None: no [SOI], no image, judged wrong
+            hits = [f is not None and sweep_judge(cell / f"{task}_images" / f) == want[a["question_id"]]
+                    for f, a in zip(images, answers)]
+            assert m[f"{prefix}{name}_accuracy"] == pytest.approx(np.mean(hits))
+            assert 0 <= m[f"{prefix}{name}_colour_accuracy"] <= 1
+    assert m["forced/editing_l1"] > 0 and 0 < m["forced/editing_l2"] <= m["forced/editing_l1"] < 1
+    if m["editing_images"]:
+        assert m["editing_l1"] > 0 and 0 < m["editing_l2"] <= m["editing_l1"]
+
+
+def sweep_judge(path):
+    """The pixel judge's (colour, kind) of an image the sweep saved."""
+    import numpy as np
+    from PIL import Image
+
+    return synthetic.judge(np.asarray(Image.open(path).convert("RGB")))

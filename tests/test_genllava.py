@@ -217,6 +217,35 @@ def test_diffusion_repeats_equal_duplicatedmetric_rows(built):
     assert float(m_rep["images"]) == batch["has_target"].sum() and float(m_dup["images"]) == 2 * float(m_rep["images"])
 
 
+def test_vocab_tiled_cross_entropy_gives_the_plain_loss_and_gradients(built):
+    """The joint loss's token losses with ce_vocab_tile=16 (the tiles do not divide the vocabulary) and with the
+    whole logits: same CE, predictions and gradients into the LLM (its head included) and the hidden states."""
+    c, cfg, tokenizer, fresh = built
+    model = fresh()
+    assert cfg.llm.vocab_size % 16
+    r = np.random.default_rng(0)
+    hidden = jnp.asarray(r.normal(size=(2, 7, cfg.llm.hidden_size)), jnp.float32)
+    labels = jnp.asarray(r.integers(0, cfg.llm.vocab_size, (2, 7)))
+
+    def run(tile):
+        model.cfg = cfg.replace(ce_vocab_tile=tile)
+        graphdef, state = nnx.split(model)
+
+        def f(s, h):
+            ce, pred = nnx.merge(graphdef, s).token_losses(h, labels)
+            return ce.sum(), (ce, pred)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(state, hidden)
+
+    (_, (ce_t, pred_t)), g_t = run(16)
+    (_, (ce_p, pred_p)), g_p = run(0)
+    np.testing.assert_allclose(ce_t, ce_p, rtol=1e-5)
+    np.testing.assert_array_equal(pred_t, pred_p)
+    scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_p))
+    for a, b in zip(jax.tree.leaves(g_t), jax.tree.leaves(g_p)):
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale)
+
+
 def test_lr_scales_multiply_the_learning_rate_of_matching_params():
     class Two(nnx.Module):
         def __init__(self, rngs):

@@ -65,11 +65,11 @@ def test_a_key_per_row_samples_each_row_as_alone(llm):
     prompts = [list(rng.randint(1, 61, n)) for n in (3, 9, 6)]
     keys = jax.random.split(jax.random.key(7), 3)
 
-    def sample(rows, k):
+    step = jax.jit(lambda ids, mask, k: decode(llm, mask, k, input_ids=ids, max_new_tokens=8, temperature=1.5))
+
+    def sample(rows, k):  # one compile per batch size (3 and 1)
         ids, mask = infer.left_pad(rows, 12, 0)
-        out = jax.jit(lambda ids, mask, k: decode(llm, mask, k, input_ids=ids, max_new_tokens=8,
-                                                  temperature=1.5))(ids, mask, k)
-        return np.asarray(out.tokens)
+        return np.asarray(step(ids, mask, k).tokens)
 
     batched = sample(prompts, keys)
     for b in range(3):  # alone, or in another place in another batch: the same draws

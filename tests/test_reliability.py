@@ -241,6 +241,8 @@ def test_config_file_errors_name_the_key_and_the_fix(data_dir):
     del d["train"]["b2"]
     d["data"]["max_lne"] = 64
     d["model"]["llm"]["hiden_size"] = 8
+    d["model"]["llm"]["attention"] = "splsh"
+    d["model"]["vision"]["remat"] = "save:q_prj"
     d["modle"] = {}
     with pytest.raises(ValueError) as e:
         config_check.validate(ml_collections.ConfigDict(d))
@@ -250,6 +252,7 @@ def test_config_file_errors_name_the_key_and_the_fix(data_dir):
                  "train.warmup_frac=True is a bool; expected int or float",
                  "missing key train.b2", "unknown key data.max_lne: did you mean data.max_len?",
                  "unknown key model.llm.hiden_size: did you mean model.llm.hidden_size?",
+                 "model.llm.attention='splsh': choose one of", "model.vision.remat: unknown remat policy 'save:q_prj'",
                  "unknown key config.modle: did you mean config.model?"):
         assert want in msg, (want, msg)
     c.train.lr = float("inf")

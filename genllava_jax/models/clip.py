@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from genllava_jax.layers import ACTIVATIONS, Conv, Embed, LayerNorm, Linear, attention_mask, dot_product_attention, \
-    param, scan_layers, stack_layers
+from jax.ad_checkpoint import checkpoint_name
+
+from genllava_jax.attention import Mask, attention
+from genllava_jax.layers import ACTIVATIONS, Conv, Embed, LayerNorm, Linear, param, scan_layers, stack_layers
 from genllava_jax.models.siglip import bicubic_matrix
 from genllava_jax.sharding import constrain
 
@@ -88,6 +90,7 @@ class CLIPConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # see layers.REMAT_POLICIES
     scan: bool = True
+    attention: str = "auto"  # see genllava_jax.attention.BACKENDS
 
     def __post_init__(self):  # from a checkpoint's config.json the towers come as dicts
         for name, cls in (("text", CLIPTextConfig), ("vision", CLIPVisionConfig)):
@@ -154,11 +157,13 @@ class Attention(nnx.Module):
         self.k = Linear(D, (N, D // N), ("embed", "heads", "head_dim"), **kw)
         self.v = Linear(D, (N, D // N), ("embed", "heads", "head_dim"), **kw)
         self.o = Linear((N, D // N), D, ("heads", "head_dim", "embed"), **kw)
+        self.backend = cfg.attention
 
-    def __call__(self, x_BTD, mask_B1TS):
+    def __call__(self, x_BTD, mask: Mask):
         names = ("batch", "length", "act_heads", None)
-        q, k, v = (constrain(proj(x_BTD), names) for proj in (self.q, self.k, self.v))
-        return self.o(dot_product_attention(q, k, v, mask_B1TS))
+        q, k, v = (constrain(checkpoint_name(proj(x_BTD), name), names)
+                   for proj, name in ((self.q, "q_proj"), (self.k, "k_proj"), (self.v, "v_proj")))
+        return checkpoint_name(self.o(attention(q, k, v, mask, backend=self.backend)), "out_proj")
 
 
 class MLP(nnx.Module):
@@ -169,7 +174,8 @@ class MLP(nnx.Module):
         self.act = ACTIVATIONS[tc.hidden_act]
 
     def __call__(self, x):
-        return self.fc2(constrain(self.act(self.fc1(x)), ("batch", "length", "act_mlp")))
+        h = constrain(self.act(checkpoint_name(self.fc1(x), "mlp_in")), ("batch", "length", "act_mlp"))
+        return checkpoint_name(self.fc2(h), "mlp_out")
 
 
 class EncoderLayer(nnx.Module):
@@ -180,14 +186,15 @@ class EncoderLayer(nnx.Module):
         self.norm2 = LayerNorm(tc.hidden_size, tc.layer_norm_eps, **kw)
         self.mlp = MLP(tc, cfg, rngs=rngs)
 
-    def __call__(self, x_BTD, mask_B1TS):
-        x_BTD = x_BTD + self.attn(self.norm1(x_BTD), mask_B1TS)
+    def __call__(self, x_BTD, mask: Mask):
+        x_BTD = checkpoint_name(x_BTD, "layer_input")
+        x_BTD = x_BTD + self.attn(self.norm1(x_BTD), mask)
         return constrain(x_BTD + self.mlp(self.norm2(x_BTD)), ("batch", "length", "act_embed"))
 
 
-def _encode(layers, x_BTD, mask_B1TS, cfg: CLIPConfig):
+def _encode(layers, x_BTD, mask: Mask, cfg: CLIPConfig):
     def body(layer, x, _):
-        return layer(x, mask_B1TS), None
+        return layer(x, mask), None
 
     return scan_layers(layers, body, x_BTD, policy=cfg.remat, scan=cfg.scan)[0]
 
@@ -213,9 +220,8 @@ class TextTower(nnx.Module):
             raise ValueError(f"CLIP text: {T} tokens > max_position_embeddings={self.tc.max_position_embeddings}")
         x = self.token_embed(input_ids_BT) + self.pos_embed[:T].astype(jnp.dtype(self.cfg.dtype))
         x = constrain(x, ("batch", "length", "act_embed"))
-        pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-        valid_BT = jnp.ones((B, T), bool) if attention_mask_BT is None else attention_mask_BT
-        x = self.final_norm(_encode(self.layers, x, attention_mask(pos_BT, pos_BT, valid_BT, causal=True), self.cfg))
+        mask = Mask(causal=True, q_valid_BT=attention_mask_BT, kv_valid_BS=attention_mask_BT)
+        x = self.final_norm(_encode(self.layers, x, mask, self.cfg))
         ids = input_ids_BT.astype(jnp.int32)
         at_B = jnp.argmax(ids if self.tc.eos_token_id == LEGACY_EOS else ids == self.tc.eos_token_id, axis=-1)
         return TowerOutput(x, jnp.take_along_axis(x, at_B[:, None, None], axis=1)[:, 0])
@@ -251,7 +257,7 @@ class VisionTower(nnx.Module):
         cls_B1D = jnp.broadcast_to(self.class_embed[...].astype(x.dtype), (B, 1, D))
         x = jnp.concatenate([cls_B1D, x.reshape(B, gh * gw, D)], axis=1) + self.position_embeddings(gh, gw)
         x = self.pre_norm(constrain(x, ("batch", "length", "act_embed")))
-        x = _encode(self.layers, x, None, self.cfg)
+        x = _encode(self.layers, x, Mask(), self.cfg)
         return TowerOutput(x, self.post_norm(x[:, 0]))
 
 

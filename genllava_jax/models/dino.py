@@ -42,6 +42,7 @@ class ViTConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan: bool = True
+    attention: str = "auto"  # see genllava_jax.attention.BACKENDS
 
     def replace(self, **kw) -> "ViTConfig":
         return dataclasses.replace(self, **kw)

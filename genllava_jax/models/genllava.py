@@ -23,6 +23,7 @@ from genllava_jax import diffusion
 from genllava_jax.constants import IGNORE
 from genllava_jax.errors import BadValue
 from genllava_jax.layers import param
+from genllava_jax.losses import tiled_cross_entropy
 from genllava_jax.models.clip import CLIP, CLIPConfig
 from genllava_jax.models.mistral import Mistral, MistralConfig
 from genllava_jax.models.projector import Projector, ProjectorConfig
@@ -66,6 +67,9 @@ class GenLLaVAConfig:
     # hidden states of the caption (batches then carry caption_ids / has_caption: data.caption_tokenizer)
     lambda_align: float = 0.0
     text_encoder: CLIPConfig | None = None  # SD's CLIP text tower (a text-only CLIPConfig); needed for lambda_align
+    # the LM loss over vocabulary tiles of this many columns (losses.tiled_cross_entropy): the (B, T, V) logits are
+    # never materialised; same loss and gradients. Used when the vocabulary is larger than a tile; 0: never.
+    ce_vocab_tile: int = 8192
 
     def __post_init__(self):
         if self.edit_mode not in ("semantic", "latent_concat"):
@@ -163,25 +167,34 @@ class GenLLaVA(nnx.Module):
 
     # -- training ----------------------------------------------------------------------------------------------
 
+    def token_losses(self, hidden_BTD, labels_BT):
+        """(cross-entropy (B, T) in float32, predicted ids (B, T)) of the LLM head on `hidden`: over vocabulary tiles
+        when the vocabulary is larger than `ce_vocab_tile`, else from the whole logits."""
+        tile = self.cfg.ce_vocab_tile
+        if tile and self.cfg.llm.vocab_size > tile:
+            w, vocab_axis = self.llm.head_weight()
+            return tiled_cross_entropy(hidden_BTD, w, labels_BT, tile=tile, vocab_axis=vocab_axis)
+        logits = self.llm.logits(hidden_BTD).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels_BT), logits.argmax(-1)
+
     def loss(self, batch: dict, rng: jax.Array):
         """CE on labelled tokens + λ_gen · MSE(ε̂, ε) on rows with a target image (+ λ_align · the alignment loss on
         those with a caption); returns (loss, metrics)."""
         cfg = self.cfg
         ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
         embeds = self.embed_inputs(ids, batch["image"], batch["has_image"])
-        with jax.named_scope("llm"):
-            out = self.llm(inputs_embeds=embeds, attention_mask=mask)
+        with jax.named_scope("llm"):  # (the output projection is in "ce": token_losses tiles it with the loss)
+            hidden, _ = self.llm.hidden(inputs_embeds=embeds, attention_mask=mask)
         with jax.named_scope("ce"):
             tgt = labels[:, 1:]
             trained = tgt != IGNORE
-            ce_tok = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1].astype(jnp.float32),
-                                                                     jnp.where(trained, tgt, 0))
+            ce_tok, pred = self.token_losses(hidden[:, :-1], jnp.where(trained, tgt, 0))
             n_tok = trained.sum()
             ce = (ce_tok * trained).sum() / jnp.maximum(n_tok, 1)
-            acc = ((out.logits[:, :-1].argmax(-1) == tgt) & trained).sum() / jnp.maximum(n_tok, 1)
+            acc = ((pred == tgt) & trained).sum() / jnp.maximum(n_tok, 1)
 
         r_noise, r_t, r_drop, r_vae = jax.random.split(rng, 4)
-        h, e, found = self.img_states(ids, out.hidden, embeds)
+        h, e, found = self.img_states(ids, hidden, embeds)
         has = batch["has_target"] & found
         target_image, source_image = jnp.asarray(batch["target_image"]), jnp.asarray(batch["source_image"])
         aligned = jnp.asarray(batch["has_caption"]) & found if cfg.lambda_align else found

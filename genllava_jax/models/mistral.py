@@ -16,8 +16,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import io_callback
 
-from genllava_jax.layers import (Embed, Linear, RMSNorm, apply_rope, attention_mask, dot_product_attention,
-                                 scan_layers, stack_layers)
+from jax.ad_checkpoint import checkpoint_name
+
+from genllava_jax.attention import Mask, attention
+from genllava_jax.layers import Embed, Linear, RMSNorm, apply_rope, scan_layers, stack_layers
 from genllava_jax.sharding import constrain
 
 
@@ -42,6 +44,7 @@ class MistralConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # see layers.REMAT_POLICIES
     scan: bool = True
+    attention: str = "auto"  # see genllava_jax.attention.BACKENDS
 
     def replace(self, **kw) -> "MistralConfig":
         return dataclasses.replace(self, **kw)
@@ -94,22 +97,26 @@ class DecoderLayer(nnx.Module):
         self.gate = Linear(D, F, ("embed", "mlp"), **kw)
         self.up = Linear(D, F, ("embed", "mlp"), **kw)
         self.down = Linear(F, D, ("mlp", "embed"), **kw)
-        self.rope_theta = cfg.rope_theta
+        self.rope_theta, self.backend = cfg.rope_theta, cfg.attention
 
-    def __call__(self, x_BTD, positions_BT, mask_B1TS, kv=None, index=None):
+    def __call__(self, x_BTD, positions_BT, mask: Mask, kv=None, index=None):
         """kv: this layer's cache (k_BSKH, v_BSKH), written at `index`; returns (x, new kv or None)."""
+        x_BTD = checkpoint_name(x_BTD, "layer_input")
         h = self.input_norm(x_BTD)
-        q = constrain(apply_rope(self.q(h), positions_BT, self.rope_theta), ("batch", "length", "act_heads", None))
-        k = constrain(apply_rope(self.k(h), positions_BT, self.rope_theta), ("batch", "length", "act_kv_heads", None))
-        v = constrain(self.v(h), ("batch", "length", "act_kv_heads", None))
+        q, k, v = (checkpoint_name(proj(h), name) for proj, name in ((self.q, "q_proj"), (self.k, "k_proj"),
+                                                                      (self.v, "v_proj")))
+        q = constrain(apply_rope(q, positions_BT, self.rope_theta), ("batch", "length", "act_heads", None))
+        k = constrain(apply_rope(k, positions_BT, self.rope_theta), ("batch", "length", "act_kv_heads", None))
+        v = constrain(v, ("batch", "length", "act_kv_heads", None))
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
             kv = (k, v)
-        x_BTD = x_BTD + self.o(dot_product_attention(q, k, v, mask_B1TS))
+        x_BTD = x_BTD + checkpoint_name(self.o(attention(q, k, v, mask, backend=self.backend)), "out_proj")
         h = self.post_attn_norm(x_BTD)
-        mlp = constrain(jax.nn.silu(self.gate(h)) * self.up(h), ("batch", "length", "act_mlp"))
-        x_BTD = constrain(x_BTD + self.down(mlp), ("batch", "length", "act_embed"))
+        gate, up = checkpoint_name(self.gate(h), "mlp_in"), checkpoint_name(self.up(h), "mlp_in")
+        mlp = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        x_BTD = constrain(x_BTD + checkpoint_name(self.down(mlp), "mlp_out"), ("batch", "length", "act_embed"))
         return x_BTD, kv
 
 
@@ -144,14 +151,19 @@ class Mistral(nnx.Module):
         x = constrain(x, ("batch", "length", "act_embed"))
         valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         start = 0 if cache is None else cache["index"]
+        structural = cache is None and positions is None
         if positions is None:
             positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-        if cache is None:
-            k_pos, k_valid = positions, valid
-        else:
-            k_pos = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions.astype(jnp.int32), start, 1)
-            k_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid, start, 1)
-        mask = attention_mask_fn(positions, k_pos, k_valid, self.cfg.sliding_window)
+        if structural:  # one sequence whose positions are its indices: a mask the attention kernels take
+            pad = None if attention_mask is None else valid
+            mask = Mask(causal=True, sliding_window=self.cfg.sliding_window, q_valid_BT=pad, kv_valid_BS=pad)
+        else:  # positions given, or keys in a cache: the mask from positions (dense attention)
+            if cache is None:
+                k_pos, k_valid = positions, valid
+            else:
+                k_pos = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions.astype(jnp.int32), start, 1)
+                k_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid, start, 1)
+            mask = Mask(explicit_B1TS=position_mask(positions, k_pos, k_valid, self.cfg.sliding_window))
 
         def body(layer, x, kv):
             return layer(x, positions, mask, kv, start)
@@ -161,6 +173,12 @@ class Mistral(nnx.Module):
         new_cache = None if cache is None else {"k": kv[0], "v": kv[1], "positions": k_pos, "valid": k_valid,
                                                 "index": start + T}
         return self.final_norm(x), new_cache
+
+    def head_weight(self) -> tuple[jax.Array, int]:
+        """(the output head's weight in the compute dtype, its vocabulary axis): (D, V) untied, (V, D) tied."""
+        if self.lm_head is None:
+            return self.embed.embedding[...].astype(jnp.dtype(self.cfg.dtype)), 0
+        return self.lm_head.kernel[...].astype(jnp.dtype(self.cfg.dtype)), 1
 
     def logits(self, hidden):
         logits = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
@@ -172,8 +190,14 @@ class Mistral(nnx.Module):
         return Output(self.logits(hidden), hidden, cache)
 
 
-def attention_mask_fn(q_pos, k_pos, k_valid, sliding_window):
-    return attention_mask(q_pos, k_pos, k_valid, causal=True, sliding_window=sliding_window)
+def position_mask(q_pos_BT, k_pos_BS, k_valid_BS, sliding_window: int | None) -> jax.Array:
+    """Boolean (B, 1, T, S) mask from positions: key valid, not in the future, and inside the window."""
+    mask = k_valid_BS[:, None, None, :].astype(bool)
+    diff = q_pos_BT[:, None, :, None] - k_pos_BS[:, None, None, :]
+    mask &= diff >= 0
+    if sliding_window is not None:
+        mask &= diff < sliding_window
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from genllava_jax.layers import (ACTIVATIONS, LayerNorm, Linear, dot_product_attention, param, scan_layers,
-                                 stack_layers)
+from jax.ad_checkpoint import checkpoint_name
+
+from genllava_jax.attention import Mask, attention
+from genllava_jax.layers import ACTIVATIONS, LayerNorm, Linear, param, scan_layers, stack_layers
 from genllava_jax.sharding import constrain
 
 _ACT = ("batch", "length", "act_embed")
@@ -38,6 +40,7 @@ class QFormerConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # see layers.REMAT_POLICIES
     scan: bool = True
+    attention: str = "auto"  # see genllava_jax.attention.BACKENDS
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
@@ -101,12 +104,14 @@ class Attention(nnx.Module):
         self.v = Linear(kv_size, (N, H), ("embed", "heads", "head_dim"), **kw)
         self.o = Linear((N, H), D, ("heads", "head_dim", "embed"), **kw)
         self.norm = LayerNorm(D, cfg.layer_norm_eps, dtype=kw["dtype"], param_dtype=kw["param_dtype"])
+        self.backend = cfg.attention
 
-    def __call__(self, x_BTD, kv_BSE, mask_B1TS):
-        q = constrain(self.q(x_BTD), ("batch", "length", "act_heads", None))
-        k = constrain(self.k(kv_BSE), ("batch", "length", "act_heads", None))
-        v = constrain(self.v(kv_BSE), ("batch", "length", "act_heads", None))
-        return self.norm(x_BTD + self.o(dot_product_attention(q, k, v, mask_B1TS)))
+    def __call__(self, x_BTD, kv_BSE, mask: Mask):
+        names = ("batch", "length", "act_heads", None)
+        q, k, v = (constrain(checkpoint_name(proj(x), name), names) for proj, x, name in
+                   ((self.q, x_BTD, "q_proj"), (self.k, kv_BSE, "k_proj"), (self.v, kv_BSE, "v_proj")))
+        out = checkpoint_name(self.o(attention(q, k, v, mask, backend=self.backend)), "out_proj")
+        return self.norm(x_BTD + out)
 
 
 class Layer(nnx.Module):
@@ -122,12 +127,13 @@ class Layer(nnx.Module):
         self.mlp_norm = LayerNorm(D, cfg.layer_norm_eps, dtype=kw["dtype"], param_dtype=kw["param_dtype"])
         self.act = ACTIVATIONS[cfg.hidden_act]
 
-    def __call__(self, x_BTD, enc_BSE, enc_mask_B1TS):
-        x_BTD = self.self_attn(x_BTD, x_BTD, None)
+    def __call__(self, x_BTD, enc_BSE, enc_mask: Mask):
+        x_BTD = checkpoint_name(x_BTD, "layer_input")
+        x_BTD = self.self_attn(x_BTD, x_BTD, Mask())
         if self.cross_attn is not None:
-            x_BTD = self.cross_attn(x_BTD, enc_BSE, enc_mask_B1TS)
-        h = constrain(self.act(self.fc1(x_BTD)), ("batch", "length", "act_mlp"))
-        return constrain(self.mlp_norm(x_BTD + self.fc2(h)), _ACT)
+            x_BTD = self.cross_attn(x_BTD, enc_BSE, enc_mask)
+        h = constrain(self.act(checkpoint_name(self.fc1(x_BTD), "mlp_in")), ("batch", "length", "act_mlp"))
+        return constrain(self.mlp_norm(x_BTD + checkpoint_name(self.fc2(h), "mlp_out")), _ACT)
 
 
 class Group(nnx.Module):
@@ -137,9 +143,9 @@ class Group(nnx.Module):
         size = cfg.cross_attention_frequency if size is None else size
         self.layers = nnx.List([Layer(cfg, cross=j == 0, rngs=rngs) for j in range(size)])
 
-    def __call__(self, x_BTD, enc_BSE, enc_mask_B1TS):
+    def __call__(self, x_BTD, enc_BSE, enc_mask: Mask):
         for layer in self.layers:
-            x_BTD = layer(x_BTD, enc_BSE, enc_mask_B1TS)
+            x_BTD = layer(x_BTD, enc_BSE, enc_mask)
         return x_BTD
 
 
@@ -158,7 +164,7 @@ class QFormer(nnx.Module):
         x = constrain(self.norm(query_embeds_BQD).astype(dtype), _ACT)  # embedding layernorm (dropout off)
         enc = constrain(encoder_hidden_states_BSE.astype(dtype), _ACT)
         # every query may see every valid encoder state (no causality, no positions)
-        mask = None if encoder_attention_mask_BS is None else encoder_attention_mask_BS.astype(bool)[:, None, None, :]
+        mask = Mask(kv_valid_BS=encoder_attention_mask_BS)
 
         def body(group, x, _):
             return group(x, enc, mask), None

@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from genllava_jax.layers import ACTIVATIONS, Conv, LayerNorm, Linear, dot_product_attention, param, scan_layers, \
-    stack_layers
+from jax.ad_checkpoint import checkpoint_name
+
+from genllava_jax.attention import attention
+from genllava_jax.layers import ACTIVATIONS, Conv, LayerNorm, Linear, param, scan_layers, stack_layers
 from genllava_jax.sharding import constrain
 
 
@@ -38,6 +40,7 @@ class SiglipVisionConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # see layers.REMAT_POLICIES
     scan: bool = True
+    attention: str = "auto"  # see genllava_jax.attention.BACKENDS
 
     def replace(self, **kw) -> "SiglipVisionConfig":
         return dataclasses.replace(self, **kw)
@@ -109,11 +112,13 @@ class Attention(nnx.Module):
         self.k = Linear(D, (N, H), ("embed", "heads", "head_dim"), **kw)
         self.v = Linear(D, (N, H), ("embed", "heads", "head_dim"), **kw)
         self.o = Linear((N, H), D, ("heads", "head_dim", "embed"), **kw)
+        self.backend = cfg.attention
 
     def __call__(self, x_BTD):
         names = ("batch", "length", "act_heads", None)
-        q, k, v = (constrain(proj(x_BTD), names) for proj in (self.q, self.k, self.v))
-        return self.o(dot_product_attention(q, k, v, None))
+        q, k, v = (constrain(checkpoint_name(proj(x_BTD), name), names)
+                   for proj, name in ((self.q, "q_proj"), (self.k, "k_proj"), (self.v, "v_proj")))
+        return checkpoint_name(self.o(attention(q, k, v, backend=self.backend)), "out_proj")
 
 
 class MLP(nnx.Module):
@@ -124,7 +129,8 @@ class MLP(nnx.Module):
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def __call__(self, x):
-        return self.fc2(constrain(self.act(self.fc1(x)), ("batch", "length", "act_mlp")))
+        h = constrain(self.act(checkpoint_name(self.fc1(x), "mlp_in")), ("batch", "length", "act_mlp"))
+        return checkpoint_name(self.fc2(h), "mlp_out")
 
 
 class EncoderLayer(nnx.Module):
@@ -136,6 +142,7 @@ class EncoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x_BTD):
+        x_BTD = checkpoint_name(x_BTD, "layer_input")
         x_BTD = x_BTD + self.attn(self.norm1(x_BTD))
         return constrain(x_BTD + self.mlp(self.norm2(x_BTD)), ("batch", "length", "act_embed"))
 
@@ -156,7 +163,7 @@ class PoolingHead(nnx.Module):
         self.out = Linear((N, H), D, ("heads", "head_dim", "embed"), use_bias=True, rngs=rngs, **kw)
         self.norm = LayerNorm(D, cfg.layer_norm_eps, **kw)
         self.mlp = MLP(cfg, rngs=rngs)
-        self.dtype = kw["dtype"]
+        self.dtype, self.backend = kw["dtype"], cfg.attention
 
     def __call__(self, x_BTD):
         w = self.in_kernel[...].astype(self.dtype)
@@ -165,7 +172,7 @@ class PoolingHead(nnx.Module):
         q = jnp.einsum("btd,dnh->btnh", probe_B1D, w[:, 0]) + b[0]
         k = jnp.einsum("btd,dnh->btnh", x_BTD, w[:, 1]) + b[1]
         v = jnp.einsum("btd,dnh->btnh", x_BTD, w[:, 2]) + b[2]
-        h_B1D = self.out(dot_product_attention(q, k, v, None))
+        h_B1D = self.out(attention(q, k, v, backend=self.backend))
         return (h_B1D + self.mlp(self.norm(h_B1D)))[:, 0]
 
 

@@ -16,7 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from genllava_jax.layers import ACTIVATIONS, Conv, GroupNorm, LayerNorm, Linear, dot_product_attention, remat
+from jax.ad_checkpoint import checkpoint_name
+
+from genllava_jax.attention import attention
+from genllava_jax.layers import ACTIVATIONS, Conv, GroupNorm, LayerNorm, Linear, remat
 from genllava_jax.models.sd_blocks import Downsample, ResnetBlock, Upsample, as_tuple, constrain_images, dtype_kw
 from genllava_jax.sharding import constrain
 
@@ -63,6 +66,7 @@ class UNetConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"  # per block; see layers.REMAT_POLICIES
+    attention: str = "auto"  # see genllava_jax.attention.BACKENDS
 
     def __post_init__(self):  # lists from JSON back to (hashable) tuples
         for f in dataclasses.fields(self):
@@ -135,8 +139,9 @@ class Attention(nnx.Module):
     """Multi-head attention of diffusers' `Attention` (self- or cross-); q/k/v biases only where the model has them."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None, *, bias: bool = False,
-                 rngs: nnx.Rngs, **kw):
+                 backend: str = "xla", rngs: nnx.Rngs, **kw):
         ctx = context_dim or dim
+        self.backend = backend
         self.to_q = Linear(dim, (heads, head_dim), ("embed", "heads", "head_dim"), use_bias=bias, rngs=rngs, **kw)
         self.to_k = Linear(ctx, (heads, head_dim), ("embed", "heads", "head_dim"), use_bias=bias, rngs=rngs, **kw)
         self.to_v = Linear(ctx, (heads, head_dim), ("embed", "heads", "head_dim"), use_bias=bias, rngs=rngs, **kw)
@@ -145,8 +150,9 @@ class Attention(nnx.Module):
     def __call__(self, x_BTD, context_BSD=None):
         ctx = x_BTD if context_BSD is None else context_BSD
         names = ("batch", "length", "act_heads", None)
-        q, k, v = (constrain(p(a), names) for p, a in ((self.to_q, x_BTD), (self.to_k, ctx), (self.to_v, ctx)))
-        return self.to_out(dot_product_attention(q, k, v, None))
+        q, k, v = (constrain(checkpoint_name(p(a), name), names) for p, a, name in
+                   ((self.to_q, x_BTD, "q_proj"), (self.to_k, ctx, "k_proj"), (self.to_v, ctx, "v_proj")))
+        return checkpoint_name(self.to_out(attention(q, k, v, backend=self.backend)), "out_proj")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,22 +162,24 @@ class Attention(nnx.Module):
 class TransformerBlock(nnx.Module):
     """diffusers' BasicTransformerBlock: pre-LayerNorm self-attention, cross-attention, GEGLU feed-forward."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, *, rngs: nnx.Rngs, **kw):
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, *, backend: str, rngs: nnx.Rngs,
+                 **kw):
         self.norm1 = LayerNorm(dim, 1e-5, **kw)
-        self.attn1 = Attention(dim, heads, head_dim, rngs=rngs, **kw)
+        self.attn1 = Attention(dim, heads, head_dim, backend=backend, rngs=rngs, **kw)
         self.norm2 = LayerNorm(dim, 1e-5, **kw)
-        self.attn2 = Attention(dim, heads, head_dim, context_dim, rngs=rngs, **kw)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim, backend=backend, rngs=rngs, **kw)
         self.norm3 = LayerNorm(dim, 1e-5, **kw)
         # GEGLU's projection as (dim, 2, 4 dim): [..., 0, :] is the value, [..., 1, :] the gate (torch's chunk order)
         self.ff_in = Linear(dim, (2, 4 * dim), ("embed", None, "mlp"), use_bias=True, rngs=rngs, **kw)
         self.ff_out = Linear(4 * dim, dim, ("mlp", "embed"), use_bias=True, rngs=rngs, **kw)
 
     def __call__(self, x_BTD, context_BSD):
+        x_BTD = checkpoint_name(x_BTD, "layer_input")
         x_BTD = x_BTD + self.attn1(self.norm1(x_BTD))
         x_BTD = x_BTD + self.attn2(self.norm2(x_BTD), context_BSD)
-        h = self.ff_in(self.norm3(x_BTD))
+        h = checkpoint_name(self.ff_in(self.norm3(x_BTD)), "mlp_in")
         h_BTF = constrain(h[..., 0, :] * jax.nn.gelu(h[..., 1, :], approximate=False), ("batch", "length", "act_mlp"))
-        return x_BTD + self.ff_out(h_BTF)
+        return x_BTD + checkpoint_name(self.ff_out(h_BTF), "mlp_out")
 
 
 class Transformer2D(nnx.Module):
@@ -190,7 +198,7 @@ class Transformer2D(nnx.Module):
             self.proj_in = Conv(channels, inner, 1, rngs=rngs, **kw)
             self.proj_out = Conv(inner, channels, 1, rngs=rngs, **kw)
         self.transformer_blocks = nnx.List([TransformerBlock(inner, heads, head_dim, cfg.cross_attention_dim,
-                                                             rngs=rngs, **kw)
+                                                             backend=cfg.attention, rngs=rngs, **kw)
                                             for _ in range(cfg.transformer_layers_per_block)])
 
     def __call__(self, x_NHWC, context_BSD):

@@ -39,6 +39,7 @@ class VAEConfig:
     mid_block_add_attention: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
+    attention: str = "auto"  # the mid block's; see genllava_jax.attention.BACKENDS
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -84,8 +85,8 @@ class VAEConfig:
 class SpatialAttention(Attention):
     """The mid block's attention: GroupNorm, one head over all pixels, biased projections, residual."""
 
-    def __init__(self, channels: int, groups: int, *, rngs: nnx.Rngs, **kw):
-        super().__init__(channels, 1, channels, bias=True, rngs=rngs, **kw)
+    def __init__(self, channels: int, groups: int, *, backend: str, rngs: nnx.Rngs, **kw):
+        super().__init__(channels, 1, channels, bias=True, backend=backend, rngs=rngs, **kw)
         self.group_norm = GroupNorm(groups, channels, 1e-6, **kw)
 
     def __call__(self, x_NHWC):
@@ -101,8 +102,8 @@ class MidBlock(nnx.Module):
         c, kw = cfg.block_out_channels[-1], dtype_kw(cfg)
         res = dict(temb=None, groups=cfg.norm_num_groups, eps=1e-6, act=cfg.act_fn, rngs=rngs, **kw)
         self.resnets = nnx.List([ResnetBlock(c, c, **res), ResnetBlock(c, c, **res)])
-        self.attentions = nnx.List([SpatialAttention(c, cfg.norm_num_groups, rngs=rngs, **kw)]) \
-            if cfg.mid_block_add_attention else None
+        self.attentions = (nnx.List([SpatialAttention(c, cfg.norm_num_groups, backend=cfg.attention, rngs=rngs,
+                                                       **kw)]) if cfg.mid_block_add_attention else None)
 
     def __call__(self, x_NHWC):
         x_NHWC = self.resnets[0](x_NHWC)
