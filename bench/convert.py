@@ -174,7 +174,9 @@ def main():
 
 NOTE = ("Peak RSS is each process's own (`os.wait4` ru_maxrss); the baseline process imports the same modules. "
         "The reference loads the exported folder with transformers/diffusers (`from_pretrained`, which "
-        "must report no missing, unexpected or mismatched keys) and saves it again (`save_pretrained`).")
+        "must report no missing, unexpected or mismatched keys) and saves it again (`save_pretrained`). "
+        "The comparison runs in its own process: a child's ru_maxrss counts the parent's resident pages at the fork, "
+        "so the parent stays small.")
 
 
 if __name__ == "__main__":

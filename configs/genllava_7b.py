@@ -13,6 +13,12 @@ GILL's alignment loss (DESIGN.md §1): `--config=configs/genllava_7b.py:align` a
 head's conditioning and SD's frozen CLIP text encoder states of each record's caption (or t2i prompt), with
 init.text_encoder=ckpt/sd/text_encoder and data.caption_tokenizer=ckpt/sd/tokenizer from the SD conversion.
 
+LoRA on the LLM (`--config=configs/genllava_7b.py:lora`, or `:align,lora`): LLaVA-1.5's LoRA recipe, rank 128,
+alpha 256, dropout 0.05 on every linear layer of Mistral's decoder, the factors at 10x the learning rate (2e-4);
+the decoder's kernels are frozen, the rest trains as above (projector, head, embeddings and norms). `python -m
+launch.aot --config=configs/genllava_7b.py:lora ...` reports what it saves; `python -m convert.lora` merges the
+factors or exports them as a PEFT adapter (README).
+
 It prints a progress bar and every `train.log_every` steps a line such as
     step 10 loss 3.2 ce 2.4 mse 0.14 token_accuracy 0.51 grad_norm 2.1 lr 6.7e-07 tokens_per_s ... images_per_s ...
 Parameters are kept in float32 and computed in bfloat16; Mistral and SigLIP are scanned with full remat; the mesh is
@@ -23,7 +29,11 @@ from genllava_jax.config import base_config
 
 
 def get_config(arg=None):
-    """`arg`: "align" for GILL's alignment loss (config_flags passes what follows the file name's colon)."""
+    """`arg` (what follows the file name's colon): "align" for GILL's alignment loss, "lora" for LoRA on the LLM,
+    or both, comma-separated."""
+    variants = set(arg.split(",")) if arg else set()
+    if variants - {"align", "lora"}:
+        raise ValueError(f"configs/genllava_7b.py:{arg}: the variants are 'align' and 'lora' (comma-separated)")
     c = base_config()  # its train and sample defaults are this model's recipe (AdamW 2e-5, batch 128, ...)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
 
@@ -51,13 +61,14 @@ def get_config(arg=None):
     c.init = dict(vision="ckpt/siglip", llm="ckpt/mistral", unet="ckpt/sd/unet", vae="ckpt/sd/vae",
                   null_cond="ckpt/sd/null_conditioning.npy")
 
-    if arg == "align":
+    if "align" in variants:
         # SD v1.4's text encoder: CLIP ViT-L/14's text tower (its 77 x 768 states match the head's output)
         m.lambda_align = 1.0
         m.text_encoder = dict(text=dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
                                         max_position_embeddings=77), vision=None, projection_dim=None, **bf16)
         c.init.text_encoder = "ckpt/sd/text_encoder"
         c.data.caption_tokenizer = "ckpt/sd/tokenizer"
-    elif arg:
-        raise ValueError(f"configs/genllava_7b.py:{arg}: the only variant is 'align'")
+    if "lora" in variants:
+        c.train.lora.llm.update(rank=128, alpha=256.0, dropout=0.05, targets=("layers/.*",))
+        c.train.lr_scales = ((r"llm/.*/lora/.*", 10.0),)
     return c

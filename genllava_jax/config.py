@@ -56,6 +56,9 @@ def train_config() -> ml_collections.ConfigDict:
         sample_every=0, eval_every=0, eval_batches=4,  # 0: never
         max_skipped_steps=20,  # steps with a non-finite loss or gradient allowed before the run stops
         profile_steps=(),  # (first, last): a jax.profiler trace of those steps (from 1) into <workdir>/profile
+        # LoRA, per part: part -> genllava_jax.lora.LoRAConfig fields (rank 0: none); a config file may add parts,
+        # e.g. c.train.lora.head = dict(rank=8). The kernels LoRA adapts are frozen; its factors always train.
+        lora=dict(llm=dict(rank=0, alpha=16.0, dropout=0.0, targets=("layers/.*",))),
     ))
 
 

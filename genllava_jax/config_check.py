@@ -25,9 +25,11 @@ def _types(default, also=()) -> tuple[type, ...]:
     """The types a key with this default takes: a float also takes an int, a tuple a list, None its placeholder's."""
     if default is None:
         return (type(None),) + also
+    from ml_collections import config_dict
+
     t = type(default)
-    base = {float: NUMBER, tuple: (tuple, list), list: (tuple, list)}.get(t, (dict,) if isinstance(default, dict)
-                                                                           else (t,))
+    mapping = isinstance(default, (dict, config_dict.ConfigDict))
+    base = {float: NUMBER, tuple: (tuple, list), list: (tuple, list)}.get(t, (dict,) if mapping else (t,))
     return base + also
 
 
@@ -105,6 +107,8 @@ def validate(c) -> None:
         lr = d["train"].get("lr")
         if isinstance(lr, NUMBER) and not (math.isfinite(lr) and lr > 0):
             errors.append(f"train.lr={lr} must be a finite positive number")
+        if isinstance(d["train"].get("lora"), dict):
+            errors += _lora_errors(d["train"]["lora"])
     if isinstance(d.get("model"), dict):
         fields = {f.name: None for f in dataclasses.fields(GenLLaVAConfig)} | {n: None for n in PARTS}
         fields.pop("image_token_id"), fields.pop("img_token_ids")  # from the tokenizer
@@ -116,6 +120,31 @@ def validate(c) -> None:
                 errors += _choice_errors(f"model.{part}", d["model"][part])
     if errors:
         raise BadValue("config errors:\n  " + "\n  ".join(errors))
+
+
+def _lora_errors(section: dict) -> list[str]:
+    """train.lora: part -> LoRAConfig fields; the part must be one of the model's, the fields LoRAConfig's."""
+    from genllava_jax.lora import LoRAConfig
+    from genllava_jax.models.genllava import PARTS
+
+    modules = sorted(set(PARTS) - {"schedule"})
+    defaults = LoRAConfig()
+    fields = {f.name: _types(getattr(defaults, f.name)) for f in dataclasses.fields(LoRAConfig)}
+    errors = []
+    for part, v in section.items():
+        if part not in modules:
+            errors.append(f"train.lora.{part}: the model has no part {part!r} (its parts: {', '.join(modules)})")
+        elif not isinstance(v, dict):
+            errors.append(f"train.lora.{part}={v!r} must be a dict of {', '.join(fields)}")
+        else:
+            found = _section_errors(f"train.lora.{part}", v, fields, required=False)
+            if not found:
+                try:
+                    LoRAConfig(**v)
+                except BadValue as e:
+                    found = [f"train.lora.{part}: {e}"]
+            errors += found
+    return errors
 
 
 def check_batch(tc, mesh) -> None:

@@ -78,8 +78,12 @@ def analytic(model, cfg, *, rows: int, seq_len: int, target_px: int, trainable: 
     flows through (the UNet) 2; a frozen part nothing flows back into (SigLIP, the VAE encoder) 1. Transformers
     by formula: 2·N·tokens per matmul pass plus 4·L·T²·D for the dense attention scores and mixing. The Q-former
     head, UNet and VAE encoder (convolutions, cross-attention) by the matmul/conv FLOPs of their traced forward.
-    Model FLOPs: what remat recomputes is not counted (the traced program's count has it).
+    Model FLOPs: what remat recomputes is not counted (the traced program's count has it). A kernel LoRA freezes
+    (`genllava_jax.lora`) costs 2 passes in a trainable transformer part (no weight gradient), its factors 3; LoRA
+    on the head or the UNet is counted as if those were trained whole.
     """
+    from genllava_jax import lora
+
     B, T = rows, seq_len
     Bd = min(cfg.diffusion_rows, B) if cfg.diffusion_rows else B
     jnp_f32 = jax.numpy.float32
@@ -105,8 +109,13 @@ def analytic(model, cfg, *, rows: int, seq_len: int, target_px: int, trainable: 
     fwd = {"llm": llm_fwd, "vision": vis_fwd, "projector": proj_fwd, "head": head_fwd, "unet": unet_fwd,
            "vae": vae_fwd}
     grads_flow_through = {"unet"}  # frozen, but the head's gradient passes through it
-    return {name: (3 if name in trainable else 2 if name in grads_flow_through else 1) * f
-            for name, f in fwd.items()}
+    out = {name: (3 if name in trainable else 2 if name in grads_flow_through else 1) * f for name, f in fwd.items()}
+    for name, tokens in (("llm", B * T), ("vision", B * P), ("projector", B * P)):
+        if name in trainable:  # the weight gradients LoRA's frozen kernels do not take: one pass of 3 less
+            flat = nnx.to_flat_state(nnx.state(getattr(model, name), nnx.Param))
+            frozen = lora.frozen_paths(getattr(model, name))
+            out[name] -= 2 * tokens * sum(_size(v.get_value()) for p, v in flat if "/".join(map(str, p)) in frozen)
+    return out
 
 
 def train_step_flops(model, cfg, c, trainable: set[str]) -> float:

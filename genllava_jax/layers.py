@@ -43,6 +43,7 @@ class Linear(nnx.Module):
         self.bias = (param(rngs, nnx.initializers.zeros, self.out_shape, names[len(self.in_shape):], param_dtype)
                      if use_bias else None)
         self.dtype = dtype
+        self.lora = nnx.data(None)  # genllava_jax.lora.LoRA: low-rank factors added beside the kernel
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_shape)
@@ -51,6 +52,8 @@ class Linear(nnx.Module):
                                 ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x)
         return y
 
 

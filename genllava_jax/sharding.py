@@ -38,6 +38,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_w", None),
     ("conv_in", None),
     ("conv_out", "fsdp"),
+    ("lora", None),  # the rank axis of LoRA factors (genllava_jax.lora); their other axes are the kernel's
     # activations
     ("batch", ("data", "fsdp")),
     ("length", None),

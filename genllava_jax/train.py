@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from genllava_jax import checkpoint, config_check, errors, flops, hooks, sharding as shd
+from genllava_jax import checkpoint, config_check, errors, flops, hooks, lora, sharding as shd
 from genllava_jax.data.pipeline import global_counts, make_dataset
 from genllava_jax.data.tokenizer import SpecialIds, load_tokenizer
 from genllava_jax.metrics import Accumulator, MetricWriter
@@ -68,17 +68,26 @@ def make_optimizer(tc) -> optax.GradientTransformation:
     return optax.chain(*chain), schedule
 
 
-def trainable_filter(patterns) -> Callable:
-    """An nnx filter: Params whose "/"-joined path matches one of the regexes in `patterns`."""
+def trainable_filter(patterns, frozen=frozenset()) -> Callable:
+    """An nnx filter: Params whose "/"-joined path matches one of the regexes in `patterns` and is not in `frozen`,
+    and every LoRA factor."""
     regexes = [re.compile(p) for p in patterns]
 
     def f(path, value):
+        if isinstance(value, lora.LoRAParam):
+            return True
         if not isinstance(value, nnx.Param):
             return False
         name = "/".join(str(p) for p in path)
-        return any(r.match(name) for r in regexes)
+        return name not in frozen and any(r.match(name) for r in regexes)
 
     return f
+
+
+def split_model(model: nnx.Module, tc):
+    """(graphdef, trainable params, frozen params, rest): trainable are what `train.trainable` names and the LoRA
+    factors; the kernels LoRA adapts stay frozen."""
+    return nnx.split(model, trainable_filter(tc.trainable, lora.frozen_paths(model)), nnx.Param, ...)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,8 +139,7 @@ def state_shardings(params, tx, mesh):
 
 def setup(model: nnx.Module, tc, mesh, seed: int = 0):
     """Splits an (already sharded) model into the donated train state and the frozen rest."""
-    trainable = trainable_filter(tc.trainable)
-    graphdef, params, frozen, rest = nnx.split(model, trainable, nnx.Param, ...)
+    graphdef, params, frozen, rest = split_model(model, tc)
     if not jax.tree.leaves(params):
         raise errors.BadValue(f"train.trainable={list(tc.trainable)} matches no parameter")
     tx, schedule = make_optimizer(tc)
@@ -153,8 +161,10 @@ def to_global(batch: dict, s: Setup) -> dict:
 # The step
 
 
-def _loss(graphdef, params, frozen, rest, batch, rng):
+def _loss(graphdef, params, frozen, rest, batch, rng, train: bool = False):
     model = nnx.merge(graphdef, params, frozen, rest)
+    if train:  # LoRA's input dropout, in training steps only
+        lora.set_dropout_keys(model, jax.random.fold_in(rng, 1))
     return model.loss(batch, rng)
 
 
@@ -168,7 +178,7 @@ def clip_gradients(grads, grad_norm, max_norm: float):
 def train_step(state, frozen, batch, *, graphdef, rest, tx, schedule, accum: int = 1, grad_clip: float = 0.0):
     """One optimizer update; with `accum` > 1 the batch's leading axis is split into micro-batches (lax.scan)."""
     rng = jax.random.fold_in(state["rng"], state["step"])
-    grad_fn = jax.value_and_grad(functools.partial(_loss, graphdef), has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(_loss, graphdef, train=True), has_aux=True)
     if accum == 1:
         (loss, aux), grads = grad_fn(state["params"], frozen, rest, batch, rng)
     else:
@@ -272,7 +282,8 @@ def init_parts(model, init_cfg, mesh) -> None:
                                   f"a {type(getattr(model, part)).__name__}")
         if part == "unet" and loaded.cfg.in_channels < model.unet.cfg.in_channels:
             loaded = _widen_unet(loaded, model.unet.cfg.in_channels, path)
-        target = dict(nnx.to_flat_state(nnx.state(getattr(model, part), nnx.Param)))
+        base = nnx.All(nnx.Param, nnx.Not(lora.LoRAParam))  # LoRA factors are not in a part's checkpoint
+        target = dict(nnx.to_flat_state(nnx.state(getattr(model, part), base)))
         new = nnx.state(loaded, nnx.Param)
         flat = dict(nnx.to_flat_state(new))
         if target.keys() != flat.keys():
@@ -300,12 +311,19 @@ def _widen_unet(unet, in_channels: int, path):
 # The loop
 
 
+def new_model(cfg: GenLLaVAConfig, c) -> GenLLaVA:
+    """The model of config `c`, initialised from `c.seed`, with the LoRA factors of `train.lora` (drawn after the
+    model's own parameters: a run without LoRA initialises the same)."""
+    rngs = nnx.Rngs(c.seed)
+    return lora.apply(GenLLaVA(cfg, rngs=rngs), lora.configs(c.train.get("lora")), rngs)
+
+
 def build(c, mesh=None):
     """(model config, sharded model with `init` parts loaded, tokenizer, mesh) from a config file's ConfigDict."""
     tokenizer = load_tokenizer(c.data.tokenizer, c.data.num_img_tokens)
     cfg = model_config(c, tokenizer)
     mesh = shd.make_mesh(dict(c.mesh)) if mesh is None else mesh
-    model = shd.create_sharded(lambda: GenLLaVA(cfg, rngs=nnx.Rngs(c.seed)), mesh, strict=c.strict_sharding)
+    model = shd.create_sharded(lambda: new_model(cfg, c), mesh, strict=c.strict_sharding)
     init_parts(model, c.init, mesh)
     return cfg, model, tokenizer, mesh
 
@@ -445,15 +463,16 @@ def save_samples(c, model, tokenizer, path) -> None:
     Image.fromarray(infer.image_grid(np.concatenate([targets, images]), cols=len(rows))).save(path)
 
 
-def load_trained(workdir, mesh=None):
+def load_trained(workdir, mesh=None, merge_lora: bool = True):
     """(GenLLaVA with the newest checkpoint's weights, GenLLaVAConfig) from a training workdir. Reads the params
-    only: not the optimizer moments (twice the trainable weights again)."""
+    only: not the optimizer moments (twice the trainable weights again). A LoRA run's factors are merged into the
+    kernels unless `merge_lora=False`."""
     workdir = Path(workdir)
     cfg = GenLLaVAConfig.from_dict(json.loads((workdir / "model_config.json").read_text()))
     mesh = shd.make_mesh({"data": 1}, jax.local_devices()[:1]) if mesh is None else mesh
-    abstract = nnx.eval_shape(lambda: GenLLaVA(cfg, rngs=nnx.Rngs(0)))
     c = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    graphdef, params, frozen, rest = nnx.split(abstract, trainable_filter(c.train.trainable), nnx.Param, ...)
+    abstract = nnx.eval_shape(lambda: new_model(cfg, c))
+    graphdef, params, frozen, rest = split_model(abstract, c.train)
     mngr = checkpoint.ocp.CheckpointManager((workdir / "checkpoints").absolute())
     step = mngr.latest_step()
     if step is None:
@@ -464,7 +483,8 @@ def load_trained(workdir, mesh=None):
         frozen=checkpoint.ocp.args.StandardRestore(shd.with_shardings(frozen, shd.state_shardings(frozen, mesh))))
     out = mngr.restore(step, args=args)
     mngr.close()
-    return nnx.merge(graphdef, out["state"]["params"], out["frozen"], rest), cfg
+    model = nnx.merge(graphdef, out["state"]["params"], out["frozen"], rest)
+    return (lora.merge(model) if merge_lora else model), cfg
 
 
 def main(argv):

@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from genllava_jax import errors, flops, train  # noqa: E402
+from genllava_jax import errors, flops, lora, train  # noqa: E402
 from genllava_jax import sharding as shd  # noqa: E402
 
 from . import simulate as sim  # noqa: E402
@@ -165,12 +165,10 @@ def tokenizer_for(c):
 def abstract_setup(c, mesh):
     """(abstract train state, train.Setup with abstract frozen params, GenLLaVAConfig, abstract model): what
     `train.setup` builds, from `nnx.eval_shape` instead of initialised weights."""
-    from genllava_jax.models.genllava import GenLLaVA
-
     tc = c.train
     cfg = train.model_config(c, tokenizer_for(c))
-    model = nnx.eval_shape(lambda: GenLLaVA(cfg, rngs=nnx.Rngs(0)))
-    graphdef, params, frozen, rest = nnx.split(model, train.trainable_filter(tc.trainable), nnx.Param, ...)
+    model = nnx.eval_shape(lambda: train.new_model(cfg, c))  # with train.lora's factors
+    graphdef, params, frozen, rest = train.split_model(model, tc)
     if not jax.tree.leaves(params):
         raise errors.BadValue(f"train.trainable={list(tc.trainable)} matches no parameter")
     if jax.tree.leaves(rest):
@@ -324,6 +322,7 @@ def check(c, devices, *, per_device_batch: int | None = None, eval_step: bool = 
          "param_bytes": {"whole": nbytes((state["params"], s.frozen), False),
                          "per_chip": nbytes((state["params"], s.frozen), True)},
          "state_bytes": {"whole": nbytes((state, s.frozen), False), "per_chip": nbytes((state, s.frozen), True)},
+         "lora": lora_report(model, s.frozen),
          "sharding": shd.sharding_report(nnx.state(model, nnx.Param), mesh)[0]}
     step = train.jit_train_step(s, c.train.accum)
     on_text = None
@@ -365,6 +364,20 @@ def check(c, devices, *, per_device_batch: int | None = None, eval_step: bool = 
     return r
 
 
+def lora_report(model, frozen) -> dict | None:
+    """What LoRA saves: the factors' size, the base parameters it keeps frozen, and the AdamW moments (mu and nu,
+    in the parameters' dtype) those would add to the train state per chip if they were trained."""
+    adapted = lora.adapted(model)
+    if not adapted:
+        return None
+    frozen_paths = lora.frozen_paths(model)
+    base = [v.get_value() for p, v in nnx.to_flat_state(frozen) if "/".join(map(str, p)) in frozen_paths]
+    factors = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model, lora.LoRAParam))]
+    return {"factors": sum(math.prod(x.shape) for x in factors), "kernels": len(adapted),
+            "ranks": sorted({(p.split("/")[0], a.rank) for p, a in adapted.items()}),
+            "base_frozen": sum(math.prod(x.shape) for x in base), "moments_per_chip": 2 * nbytes(base, True)}
+
+
 def _gib(x) -> str:
     return f"{x / GiB:.2f} GiB"
 
@@ -388,9 +401,15 @@ def format_report(r: dict) -> str:
         f"params: {r['params']['trainable'] / 1e9:.3f} B trainable, {r['params']['frozen'] / 1e9:.3f} B frozen; "
         f"{_gib(r['param_bytes']['whole'])} whole, {_gib(r['param_bytes']['per_chip'])} per chip; with the "
         f"optimizer state {_gib(r['state_bytes']['whole'])} whole, {_gib(r['state_bytes']['per_chip'])} per chip",
-        f"train step: lower {r['train']['lower_s']:.1f} s, compile {r['train']['compile_s']:.1f} s",
-        f"  memory per chip: {_memory_line(r['train'])}",
     ]
+    if r.get("lora"):
+        lo = r["lora"]
+        ranks = ", ".join(f"{part} rank {rank}" for part, rank in lo["ranks"])
+        lines.append(f"LoRA ({ranks}): {lo['factors'] / 1e6:.1f} M factor params on {lo['kernels']} kernels; "
+                     f"{lo['base_frozen'] / 1e9:.3f} B base params frozen under them, whose AdamW moments "
+                     f"({_gib(lo['moments_per_chip'])} per chip) and weight gradients are not kept")
+    lines += [f"train step: lower {r['train']['lower_s']:.1f} s, compile {r['train']['compile_s']:.1f} s",
+              f"  memory per chip: {_memory_line(r['train'])}"]
     f = r.get("flops")
     if f:
         T = 1e12
