@@ -280,10 +280,8 @@ def reduce_depth(c, spec: str) -> tuple[ml_collections.ConfigDict, Simulation]:
 
 def analytic_flops(c, rows: int, trainable: set[str]) -> dict:
     """genllava_jax/flops.py's model FLOPs by part for config `c` (abstract model, nothing allocated)."""
-    from genllava_jax.models.genllava import GenLLaVA
-
     cfg = train.model_config(c, tokenizer_for(c))
-    model = nnx.eval_shape(lambda: GenLLaVA(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: train.new_model(cfg, c))  # with train.lora's factors, as abstract_setup
     return flops.analytic(model, cfg, rows=rows, seq_len=c.data.max_len, target_px=c.data.target_image_size,
                           trainable=trainable)
 
