@@ -278,14 +278,6 @@ def reduce_depth(c, spec: str) -> tuple[ml_collections.ConfigDict, Simulation]:
     return small, Simulation(full=c, layer_loops=loops)
 
 
-def analytic_flops(c, rows: int, trainable: set[str]) -> dict:
-    """genllava_jax/flops.py's model FLOPs by part for config `c` (abstract model, nothing allocated)."""
-    cfg = train.model_config(c, tokenizer_for(c))
-    model = nnx.eval_shape(lambda: train.new_model(cfg, c))  # with train.lora's factors, as abstract_setup
-    return flops.analytic(model, cfg, rows=rows, seq_len=c.data.max_len, target_px=c.data.target_image_size,
-                          trainable=trainable)
-
-
 def configure(c, *, remat: str | dict | None = None, mesh: dict | None = None):
     """A copy of config `c` with the remat policies (one for REMAT_PARTS, or a dict part -> policy) and the mesh
     replaced."""
@@ -326,11 +318,17 @@ def check(c, devices, *, per_device_batch: int | None = None, eval_step: bool = 
     on_text = None
     if simulate is not None:
         trainable = {str(k) for k in state["params"].keys()}
+        full_c, full_cfg, full_model = c, cfg, model
+        if simulate.full is not None:  # a reduced-depth compile: the model FLOPs of the full-depth model
+            full_c = simulate.full
+            full_cfg = train.model_config(full_c, tokenizer_for(full_c))
+            full_model = nnx.eval_shape(lambda: train.new_model(full_cfg, full_c))
 
         def on_text(text):
             log("  simulating the step from the compiled HLO")
             # counted under the mesh, as the report's analytic FLOPs are (the attention backend `auto` picks by it)
-            model_flops = sum(analytic_flops(simulate.full or c, global_batch, trainable).values())
+            model_flops = sum(flops.analytic(full_model, full_cfg, rows=global_batch, seq_len=full_c.data.max_len,
+                                             target_px=full_c.data.target_image_size, trainable=trainable).values())
             setting = {"kind": kind, "pallas_efficiency": simulate.pallas_efficiency,
                        "layer_loops": simulate.layer_loops, "model_flops": model_flops,
                        "tokens": global_batch * c.data.max_len, "chips": len(devices),
