@@ -3,14 +3,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast lint demo bench install
+.PHONY: test test-fast lint demo serve bench install
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned, so that nothing later resolves a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[torch,dev]'
+	$(PY) -m pip install -q -e '.[torch,dev,serve]'
 	# libtpu for the TPU fit check (launch/aot.py) only, kept out of site-packages: where JAX finds it, every
 	# program loads it and prints its start-up errors on a machine without a TPU. The version jax[tpu]==0.10.2 pins.
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/libtpu-aot 'libtpu==0.0.42.1'
@@ -41,6 +41,11 @@ test-fast: $(STAMP) $(ORACLE)
 
 demo: $(STAMP)
 	$(PY) -m genllava_jax.demo --workdir=runs/demo
+
+# the web demo on the model `make demo` trained: open http://localhost:7860
+serve: $(STAMP)
+	@test -f runs/demo/train/config.json || { echo "no trained demo model in runs/demo/train: run make demo first"; exit 1; }
+	$(VENV)/bin/genllava-serve --workdir=runs/demo/train --max_new_tokens=12
 
 bench: $(STAMP)
 	$(PY) bench/decode.py

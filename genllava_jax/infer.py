@@ -87,8 +87,13 @@ def _images(graphdef, state, batch, rng, guidance_scale, image_guidance_scale, *
     cond = model.condition(batch["input_ids"], batch["attention_mask"], batch["image"], batch["has_image"])
     vae, unet = model.vae, model.unet
     size = unet.cfg.sample_size
-    noise = batch["noise"] if "noise" in batch else jax.random.normal(
-        rng, (cond.shape[0], size, size, vae.cfg.latent_channels), jnp.float32)
+    shape = (size, size, vae.cfg.latent_channels)
+    if "noise" in batch:
+        noise = batch["noise"]
+    elif rng.ndim == 0:
+        noise = jax.random.normal(rng, (cond.shape[0], *shape), jnp.float32)
+    else:  # a key per row: each row's noise is what it would draw alone, whatever its batch
+        noise = jax.vmap(lambda key: jax.random.normal(key, (1, *shape), jnp.float32)[0])(rng)
     null = model.null_cond[...]
     if model.cfg.edit_mode == "latent_concat":
         src = vae.latents(batch["source_image"])
@@ -105,7 +110,8 @@ def images(model, batch: dict, *, rng=None, num_steps: int = 50, guidance_scale:
 
     `batch` needs input_ids (with [IMG0..N-1] in each row), attention_mask, image, has_image; source_image
     (VAE pixels) for latent_concat editing; optionally noise (B, h, w, latent channels), the initial latents, in
-    place of a draw from `rng` (e.g. one per record, so an image does not depend on its batch)."""
+    place of a draw from `rng` (e.g. one per record, so an image does not depend on its batch). `rng`: one key for
+    the batch's noise, or a key per row (B,)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: choose one of {sorted(SAMPLERS)}")
     graphdef, state = nnx.split(model)
@@ -192,15 +198,18 @@ class Assistant:
                 sig[b], vae[b] = preprocess(im, ImageConfig(size=(s, s))), vae_pixels(im, t)
         return sig, np.array([im is not None for im in pil_images]), vae
 
-    def _on_token(self, step, tokens):
-        """Streams the new text: the whole answer is re-decoded each step (a BPE piece alone may not be text)."""
+    def _on_token(self, step, tokens_B):
+        """Streams each row's new text: its whole answer is re-decoded each step (a BPE piece alone may not be
+        text). One bound method for every call, so the decode compiled with it is reused."""
         if step == 0:
-            self._streamed, self._text = [], ""
-        if self.stream is not None and tokens[0] not in (self.ids.eos, self.ids.pad, self.ids.soi):
-            self._streamed.append(int(tokens[0]))
-            text = self.tokenizer.decode(self._streamed, skip_special_tokens=True)
-            self.stream(text[len(self._text):])
-            self._text = text
+            self._streamed, self._texts = [[] for _ in tokens_B], [""] * len(tokens_B)
+        for b, tok in enumerate(tokens_B[:self._stream_rows]):
+            if int(tok) in (self.ids.eos, self.ids.pad, self.ids.soi):
+                continue
+            self._streamed[b].append(int(tok))
+            text = self.tokenizer.decode(self._streamed[b], skip_special_tokens=True)
+            self._sink(b, text[len(self._texts[b]):])
+            self._texts[b] = text
 
     def text(self, tokens) -> str:
         """An answer's text: its tokens without the stop token ([SOI] or </s>) and special tokens."""
@@ -208,37 +217,59 @@ class Assistant:
         return self.tokenizer.decode(keep, skip_special_tokens=True).strip()
 
     def reply(self, prompts: list[list[int]], pil_images: list, settings: Settings = Settings(), *,
-              force_image: bool = False) -> list[Reply]:
-        """Answers to a batch of prompts; rows whose answer ends in [SOI] (all rows with `force_image`) also get
-        an image generated from their [IMG] states."""
-        ids = self.ids
+              force_image: bool | list[bool] = False, seeds: list[int] | None = None, batch_size: int | None = None,
+              on_text=None) -> list[Reply]:
+        """Answers to a batch of prompts; rows whose answer ends in [SOI] (rows with `force_image`: all, or a
+        flag per row) also get an image generated from their [IMG] states.
+
+        seeds: each row's image seed (default settings.seed); a row's image depends on its seed alone, not on its
+        batch. batch_size: both jitted calls get this many rows (copies of row 0 fill them), so that a server
+        compiles one shape per length bucket. on_text(row, piece): each row's text as it is decoded (also
+        `self.stream(piece)` for a batch of one)."""
+        ids, n = self.ids, len(prompts)
+        force = [force_image] * n if isinstance(force_image, bool) else list(force_image)
+        seeds = [settings.seed] * n if seeds is None else list(seeds)
+        fill = max(batch_size or n, n) - n
+        prompts, pil_images = list(prompts) + [prompts[0]] * fill, list(pil_images) + [pil_images[0]] * fill
         sig, has_image, vae_px = self.pixels(pil_images)
         T = bucket(max(map(len, prompts)), self.length_buckets)
         x, mask = left_pad(prompts, T, ids.pad)
-        stream = self._on_token if self.stream is not None and len(prompts) == 1 else None
+        if on_text is None and self.stream is not None and n == 1:
+            on_text = lambda b, piece: self.stream(piece)  # noqa: E731
+        self._sink, self._stream_rows = on_text, n
         out = decode(self.model, x, mask, sig, has_image, max_new_tokens=settings.max_new_tokens, eos_id=ids.eos,
                      stop_ids=(ids.soi,), pad_id=ids.pad, temperature=settings.temperature, top_p=settings.top_p,
-                     rng=jax.random.key(settings.seed), on_token=stream)
+                     rng=jax.random.key(settings.seed), on_token=None if on_text is None else self._on_token)
         replies, gen_rows = [], []
-        for b, (toks, n) in enumerate(zip(out.tokens, out.lengths)):
-            toks = [int(t) for t in toks[:n]]
+        for b, (toks, length) in enumerate(zip(out.tokens[:n], out.lengths[:n])):
+            toks = [int(t) for t in toks[:length]]
             wants = bool(toks) and toks[-1] == ids.soi
             replies.append(Reply(self.text(toks), toks))
-            if wants or force_image:
+            if wants or force[b]:
                 body = toks[:-1] if wants else [t for t in toks if t != ids.eos]
                 gen_rows.append((b, prompts[b] + body + list(ids.generation)))
         if gen_rows:
-            rows = [r for _, r in gen_rows]
-            gx, gmask = left_pad(rows, bucket(max(map(len, rows)), self.length_buckets), ids.pad)
-            sel = np.array([b for b, _ in gen_rows])
-            pix = images(self.model, dict(input_ids=gx, attention_mask=gmask, image=sig[sel], has_image=has_image[sel],
-                                          source_image=vae_px[sel]),
-                         rng=jax.random.key(settings.seed), num_steps=settings.num_steps,
-                         guidance_scale=settings.guidance_scale, image_guidance_scale=settings.image_guidance_scale,
-                         sampler=settings.sampler)
-            for (b, _), im in zip(gen_rows, pix):
+            sel = [b for b, _ in gen_rows]
+            pix = self.draw([r for _, r in gen_rows], sig[sel], has_image[sel], vae_px[sel], [seeds[b] for b in sel],
+                            settings, batch_size=batch_size)
+            for b, im in zip(sel, pix):
                 replies[b].image = im
         return replies
+
+    def draw(self, rows: list[list[int]], sig, has_image, vae_px, seeds: list[int], settings: Settings = Settings(),
+             *, batch_size: int | None = None) -> np.ndarray:
+        """uint8 images (len(rows), H, W, 3) from rows ending in [SOI][IMG0..N-1][EOI] (with their prompt's
+        pixels), each row's noise from its own seed; padded to `batch_size` rows (copies of row 0)."""
+        n = len(rows)
+        pick = np.array(list(range(n)) + [0] * (max(batch_size or n, n) - n))
+        rows = [rows[i] for i in pick]
+        gx, gmask = left_pad(rows, bucket(max(map(len, rows)), self.length_buckets), self.ids.pad)
+        keys = jnp.stack([jax.random.key(seeds[i]) for i in pick])
+        batch = dict(input_ids=gx, attention_mask=gmask, image=np.asarray(sig)[pick],
+                     has_image=np.asarray(has_image)[pick], source_image=np.asarray(vae_px)[pick])
+        return images(self.model, batch, rng=keys, num_steps=settings.num_steps,
+                      guidance_scale=settings.guidance_scale, image_guidance_scale=settings.image_guidance_scale,
+                      sampler=settings.sampler)[:n]
 
 
 def image_grid(images_BHWC: np.ndarray, cols: int = 8) -> np.ndarray:
