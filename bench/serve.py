@@ -51,8 +51,8 @@ def main():
     record("serve", "python bench/serve.py", ["turns", "one at a time (s)", "batched by 4 (s)", "speed-up",
                                               "warm-up batch 1 / 4 (s)"],
            [f"{len(turns)}", f"{one:.2f}", f"{batched:.2f}", f"{one / batched:.2f}x", f"{warm[1]:.0f} / {warm[4]:.0f}"],
-           note=f"Demo model (runs/demo/train), max_new_tokens 12, 25 DDIM steps, guidance 3; the batched run's last two "
-                f"calls took {calls} turns; best of {a.repeats}; {os.cpu_count()} CPU cores.")
+           note=f"Demo model (runs/demo/train), max_new_tokens 12, 25 DDIM steps, guidance 3; the batched run's last "
+                f"two calls took {calls} turns; best of {a.repeats}; {os.cpu_count()} CPU cores.")
 
 
 if __name__ == "__main__":

@@ -166,8 +166,9 @@ def test_bad_input_gets_a_message_and_the_server_goes_on(server, data_dir, tmp_p
         turn(client, "What is it?", files=[tmp_path / "notes.txt"])
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     Image.new("RGB", (100, 100)).save(tmp_path / "huge.png")  # over the fixture's 64x64 pixel bound
-    cases = {"cannot use broken.png: corrupt_image": turn(client, "What is it?", files=[tmp_path / "broken.png"]),
-             "cannot use huge.png: image_too_large: huge.png: 100x100": turn(client, "Hi", files=[tmp_path / "huge.png"]),
+    broken, huge = tmp_path / "broken.png", tmp_path / "huge.png"
+    cases = {"cannot use broken.png: corrupt_image": turn(client, "What is it?", files=[broken]),
+             "cannot use huge.png: image_too_large: huge.png: 100x100": turn(client, "Hi", files=[huge]),
              "type a question or an instruction first": turn(client, "  "),
              "nothing to edit yet": turn(client, "Make it blue.", "edit"),
              f"tokens, over this server's context of {CONTEXT}": turn(client, "red " * 60)}

@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from genllava_jax import infer
+from genllava_jax import errors, infer
 from genllava_jax.serve.worker import MODES, Turn, UserError, Worker
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a demo on a closed network
@@ -166,6 +166,12 @@ def launch(worker: Worker, host: str = "127.0.0.1", port: int = 7860, block: boo
 def _main(argv):
     del argv
     F = flags.FLAGS
+    for name, low in (("batch_size", 1), ("max_pending", 1), ("max_new_tokens", 1), ("steps", 1), ("port", 1),
+                      ("max_pixels", 1), ("batch_wait_ms", 0)):
+        if F[name].value < low:
+            raise errors.BadValue(f"--{name}={F[name].value}: must be at least {low}")
+    if F.context is not None and F.context < 8:
+        raise errors.BadValue(f"--context={F.context}: too short for a prompt (at least 8 tokens)")
     defaults = infer.Settings(max_new_tokens=F.max_new_tokens, num_steps=F.steps, guidance_scale=F.guidance,
                               sampler=F.scheduler)
     worker = make_worker(F.workdir, context=F.context, batch_size=F.batch_size, batch_wait_ms=F.batch_wait_ms,
@@ -177,7 +183,7 @@ def _main(argv):
 
 def main():
     define_flags()
-    app.run(_main)
+    errors.run(_main)
 
 
 if __name__ == "__main__":

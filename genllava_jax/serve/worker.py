@@ -9,9 +9,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
-from genllava_jax import infer
+from genllava_jax import errors, infer
 from genllava_jax.data.records import BadRecord, load_image
 from genllava_jax.serve.batcher import Batcher, Busy, Request
 
@@ -19,7 +17,7 @@ MODES = ("chat", "generate", "edit")
 TASKS = {"generate": "t2i", "edit": "edit"}  # chat: i2t with an image, text without
 
 
-class UserError(ValueError):
+class UserError(errors.BadValue):
     """Bad input: its message is shown to the user; the server goes on."""
 
 
