@@ -5,6 +5,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -92,7 +93,8 @@ def server(workdir):
     compiled = (infer.decode_arrays._cache_size(), infer._images._cache_size())
     port = free_port()
     page = app.launch(worker, port=port, block=False)
-    yield worker, lambda: Client(f"http://127.0.0.1:{port}/", verbose=False), compiled
+    url = f"http://127.0.0.1:{port}/"
+    yield SimpleNamespace(worker=worker, url=url, connect=lambda: Client(url, verbose=False), compiled=compiled)
     page.close()
     worker.batcher.close()
 
@@ -132,8 +134,7 @@ def cli_reply(assistant, mode, text, image, seed=0):
 def test_chat_generate_and_edit_turns_return_what_the_clis_return(server, workdir, data_dir):
     from genllava_jax import cli, infer
 
-    worker, connect, compiled = server
-    client = connect()
+    client, compiled = server.connect(), server.compiled
     path = sorted((data_dir / "images").iterdir())[0]
     chat_job = turn(client, "What colour is the shape?", files=[path], submit=True)
     chat, _ = chat_job.result(timeout=600)
@@ -159,8 +160,7 @@ def test_chat_generate_and_edit_turns_return_what_the_clis_return(server, workdi
 def test_bad_input_gets_a_message_and_the_server_goes_on(server, data_dir, tmp_path):
     from gradio_client.exceptions import AppError
 
-    worker, connect, _ = server
-    client = connect()  # a new session: no image yet
+    client = server.connect()  # a new session: no image yet
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(AppError, match="Invalid file type"):  # gradio's own check of the upload's type
         turn(client, "What is it?", files=[tmp_path / "notes.txt"])
@@ -183,7 +183,7 @@ def test_bad_input_gets_a_message_and_the_server_goes_on(server, data_dir, tmp_p
 def test_concurrent_turns_share_batched_calls_and_a_burst_gets_busy(server, data_dir, monkeypatch):
     from genllava_jax import infer
 
-    worker, connect, _ = server
+    worker, connect = server.worker, server.connect
     client = connect()
     calls = []
     for name in ("decode", "images"):
@@ -279,38 +279,16 @@ def ask_in_browser(driver, url, question, image=None, mode="chat", timeout=300) 
 
 
 @pytest.mark.slow
-def test_a_browser_uploads_an_image_asks_and_sees_the_answer(workdir, data_dir, tmp_path):
-    """genllava-serve as a user starts it, and headless Chromium as a user drives the page."""
-    import os
-    import subprocess
-    import sys
-    import urllib.request
-
+def test_a_browser_uploads_an_image_asks_and_sees_the_answer(server, workdir, data_dir, tmp_path):
+    """Headless Chromium, as a user: the page, an upload, a question, its answer; a broken upload, a generation."""
     from genllava_jax import cli
 
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
     if missing:
         pytest.fail(f"{', '.join(missing)} missing: apt-get install -y chromium chromium-driver (.ci/run does)")
-    port, log = free_port(), tmp_path / "serve.log"
-    exe = Path(sys.executable).parent / "genllava-serve"
-    args = [str(exe), f"--workdir={workdir}", f"--port={port}", f"--max_new_tokens={SETTINGS['max_new_tokens']}",
-            f"--steps={SETTINGS['num_steps']}"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "XLA_FLAGS": ""})
-    url = f"http://127.0.0.1:{port}/"
-    driver = None
+    url = server.url
+    driver = browser(tmp_path / "profile")
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                urllib.request.urlopen(url, timeout=5)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(1)
-        assert "warm-up:" in log.read_text()
-        driver = browser(tmp_path / "profile")
         image = sorted((data_dir / "images").iterdir())[0]
         seen = ask_in_browser(driver, url, "What colour is the shape?", image)
         expected = cli_reply(cli.load_assistant(workdir)[0], "chat", "What colour is the shape?",
@@ -319,10 +297,23 @@ def test_a_browser_uploads_an_image_asks_and_sees_the_answer(workdir, data_dir, 
         assert "cannot use broken.png" in ask_in_browser(driver, url, "Hi", _broken_png(tmp_path))
         assert ask_in_browser(driver, url, "Draw a red circle.", mode="generate").endswith("[image]")  # still up
     finally:
-        if driver is not None:
-            driver.quit()
-        proc.terminate()
-        proc.wait(timeout=60)
+        driver.quit()
+
+
+def test_the_command_line_reports_bad_flags_and_a_missing_workdir_in_one_line(tmp_path):
+    """genllava-serve's own start-up errors (its serving is the server fixture's `app.launch`, flags aside)."""
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "genllava-serve"
+    env = {**os.environ, "XLA_FLAGS": ""}
+    for args, message in (([f"--workdir={tmp_path}"], f"{tmp_path}: no config.json"),
+                          ([f"--workdir={tmp_path}", "--batch_size=0"], "--batch_size=0: must be at least 1")):
+        out = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=300)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"genllava-serve: error: {message}"), \
+            out.stderr[-2000:]
 
 
 def _broken_png(folder: Path) -> Path:

@@ -114,7 +114,7 @@ def build(worker: Worker, out_dir: Path | None = None, title: str = "GenLLaVA"):
             with gr.Row():
                 steps = gr.Slider(1, 100, value=d.num_steps, step=1, label="sampler steps")
                 guidance = gr.Slider(1.0, 15.0, value=d.guidance_scale, step=0.5, label="guidance")
-                seed = gr.Number(value=d.seed, precision=0, label="seed")
+                seed = gr.Number(value=d.seed, precision=0, minimum=0, label="seed")
             gr.Markdown("A new temperature, top-p or step count compiles once when first used.")
         clear = gr.Button("clear", elem_id="clear")
         box.submit(turn_handler(worker, out_dir), [box, mode, temperature, top_p, steps, guidance, seed, chat, conv],
