@@ -249,8 +249,12 @@ def browser(profile_dir):
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
 
 
-def ask_in_browser(driver, url, question, image=None, mode="chat", timeout=300) -> str:
-    """Opens the page (if not open), picks the turn's mode, uploads `image`, asks, and returns the answer's text."""
+def ask_in_browser(driver, url, question, image=None, mode="chat", until=lambda seen: True, timeout=300) -> str:
+    """Opens the page (if not open), picks the turn's mode, uploads `image`, asks, and returns the answer's text
+    once `until(text)` holds; fails with the last text seen if it never does. (Gradio marks a streaming event only
+    while it is pending: a turn's first text piece may show long before its last piece or its image, so the test
+    waits for what it expects, not for the page to look idle.)"""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -268,14 +272,20 @@ def ask_in_browser(driver, url, question, image=None, mode="chat", timeout=300) 
     box.send_keys(question)
     box.send_keys(Keys.ENTER)
 
-    def answered(d):  # the turn's messages once its event is over: their text, "[image]" for an image
+    seen = [""]
+
+    def answered(d):  # the turn's messages: their text, "[image]" for an image
         bots = d.find_elements(By.CSS_SELECTOR, "#chat [data-testid=bot]")
         if len(bots) <= answers or d.find_elements(By.CSS_SELECTOR, ".generating, .progress-text"):
             return False
-        return " ".join(b.text.strip() or "[image]" * bool(b.find_elements(By.TAG_NAME, "img"))
-                        for b in bots[answers:]).strip()
+        seen[0] = " ".join(b.text.strip() or "[image]" * bool(b.find_elements(By.TAG_NAME, "img"))
+                           for b in bots[answers:]).strip()
+        return seen[0] if until(seen[0]) else False
 
-    return wait.until(answered)
+    try:
+        return wait.until(answered)
+    except TimeoutException:
+        pytest.fail(f"{question!r} ({mode}): after {timeout} s the page shows {seen[0]!r}")
 
 
 @pytest.mark.slow
@@ -290,12 +300,12 @@ def test_a_browser_uploads_an_image_asks_and_sees_the_answer(server, workdir, da
     driver = browser(tmp_path / "profile")
     try:
         image = sorted((data_dir / "images").iterdir())[0]
-        seen = ask_in_browser(driver, url, "What colour is the shape?", image)
         expected = cli_reply(cli.load_assistant(workdir)[0], "chat", "What colour is the shape?",
                              cli.open_image(image))
-        assert seen.strip() == expected, (seen, expected)
-        assert "cannot use broken.png" in ask_in_browser(driver, url, "Hi", _broken_png(tmp_path))
-        assert ask_in_browser(driver, url, "Draw a red circle.", mode="generate").endswith("[image]")  # still up
+        ask_in_browser(driver, url, "What colour is the shape?", image, until=lambda seen: seen == expected)
+        ask_in_browser(driver, url, "Hi", _broken_png(tmp_path), until=lambda seen: "cannot use broken.png" in seen)
+        ask_in_browser(driver, url, "Draw a red circle.", mode="generate",  # still up
+                       until=lambda seen: seen.endswith("[image]"))
     finally:
         driver.quit()
 
