@@ -310,6 +310,7 @@ def test_a_browser_uploads_an_image_asks_and_sees_the_answer(server, workdir, da
         driver.quit()
 
 
+@pytest.mark.slow  # two start-ups of the CLI (jax, gradio imports): 32 s on the shared machine
 def test_the_command_line_reports_bad_flags_and_a_missing_workdir_in_one_line(tmp_path):
     """genllava-serve's own start-up errors (its serving is the server fixture's `app.launch`, flags aside)."""
     import os
