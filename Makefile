@@ -31,7 +31,7 @@ lint: $(STAMP)
 
 # two workers: most of the suite's time is XLA compiling on one core; --dist loadfile keeps each test file (and its
 # module fixtures) on one worker. About 30 min on 2 cores (58 min of CPU).
-PYTEST = $(PY) -m pytest -q -n 2 --dist loadfile
+PYTEST = $(PY) -m pytest -q -n 2 --dist loadfile --durations=30
 
 test: $(STAMP) $(ORACLE) lint
 	$(PYTEST) tests

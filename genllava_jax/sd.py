@@ -62,10 +62,10 @@ def load(folder, mesh=None, **overrides) -> Pipeline:
     """A pipeline from our converted folder (unet/, vae/, text_encoder/, tokenizer/, scheduler_config.json) or
     straight from a diffusers folder (converted in memory, no torch). `mesh` default: all devices on the data axis.
     `overrides` set config fields of all three networks (dtype, param_dtype, remat)."""
-    from convert import clip as clip_conv, unet as unet_conv, vae as vae_conv
-    from genllava_jax import checkpoint
+    from genllava_jax import checkpoint, converter
     from genllava_jax.data.tokenizer import load_clip_tokenizer
 
+    clip_conv, unet_conv, vae_conv = (converter(n) for n in ("clip", "unet", "vae"))
     folder = Path(folder)
     mesh = shd.make_mesh({"data": -1}) if mesh is None else mesh
     ours = (folder / "unet" / "params").is_dir()

@@ -29,6 +29,20 @@ def test_every_package_folder_is_installed_under_genllava_jax():
             "genllava-edit"} <= set(scripts)
 
 
+def test_converter_is_the_checkouts_never_another_convert_package(tmp_path, monkeypatch):
+    import genllava_jax
+
+    assert Path(genllava_jax.converter("clip").__file__).resolve() == ROOT / "convert" / "clip.py"
+    (tmp_path / "convert").mkdir()  # a generic `convert` package elsewhere, first on the path
+    (tmp_path / "convert" / "__init__.py").write_text("")
+    (tmp_path / "convert" / "clip.py").write_text("FOREIGN = True\n")
+    for name in ("convert", "convert.clip"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = genllava_jax.converter("clip")
+    assert not hasattr(module, "FOREIGN") and module.__name__ == "genllava_jax.convert.clip"
+
+
 def _constraints(path: Path) -> Path:
     """The versions this interpreter has, so that the fresh venv installs the same ones (and finds them cached);
     torch among them, so that nothing could ever resolve a CUDA build."""

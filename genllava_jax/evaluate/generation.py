@@ -144,10 +144,9 @@ class Encoders:
     def load(cls, clip=None, inception=None, dino=None, batch: int = 16) -> "Encoders":
         """clip: a transformers CLIP folder (with its tokenizer); inception: pytorch-fid's .pth or our converted
         folder; dino: a ViTModel folder (facebook/dino-vits16) or ours."""
-        try:  # the checkout's top-level converters, else the installed package's
-            from convert import clip as clip_conv, dino as dino_conv, inception as inception_conv
-        except ImportError:
-            from genllava_jax.convert import clip as clip_conv, dino as dino_conv, inception as inception_conv
+        from genllava_jax import converter
+
+        clip_conv, dino_conv, inception_conv = (converter(n) for n in ("clip", "dino", "inception"))
         from genllava_jax.data.tokenizer import load_clip_tokenizer
 
         return cls(clip=None if clip is None else clip_conv.from_hf(clip),
