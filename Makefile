@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast lint demo serve bench install
+.PHONY: test test-fast lint demo serve datagen-demo bench install
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -46,6 +46,10 @@ demo: $(STAMP)
 serve: $(STAMP)
 	@test -f runs/demo/train/config.json || { echo "no trained demo model in runs/demo/train: run make demo first"; exit 1; }
 	$(VENV)/bin/genllava-serve --workdir=runs/demo/train --max_new_tokens=12
+
+# instruction data from the model `make demo` trained (genllava_jax/datagen/demo.py)
+datagen-demo: $(STAMP)
+	$(PY) -m genllava_jax.datagen.demo --workdir=runs/datagen --model=runs/demo/train
 
 bench: $(STAMP)
 	$(PY) bench/decode.py
