@@ -114,7 +114,7 @@ class ParamWriter:
         if tuple(value.shape) != want:
             raise ValueError(f"{path}{'' if layer is None else f'[{layer}]'}: shape {value.shape}, expected {want}")
         # tensorstore may then use `value` itself instead of a copy: it is C-ordered and the write is awaited
-        value = np.ascontiguousarray(value)
+        value = np.ascontiguousarray(value).reshape(value.shape)  # (ascontiguousarray makes a 0-d array 1-d)
         whole = layer is None and self._todo[path] != {None}  # a stacked array given whole
         (arr if layer is None else arr[layer]).write(value, can_reference_source_data_indefinitely=True).result()
         self._todo[path] = set() if whole else self._todo[path] - {layer}
