@@ -35,15 +35,21 @@ from absl import flags, logging
 
 from genllava_jax import errors
 
-flags.DEFINE_string("workdir", "runs/datagen", "everything the demo writes (its earlier outputs are replaced)")
-flags.DEFINE_string("model", "runs/demo/train", "the trained demo model's workdir (make demo)")
-flags.DEFINE_integer("scenes", 32, "world scenes for llava (x 3 requests)")
-flags.DEFINE_integer("topics", 64, "world captions for stablellava")
-flags.DEFINE_integer("reply_topics", 16, "of those, asked for the one-reply dialogue format too")
-flags.DEFINE_integer("steps", 20, "DDIM steps when rendering")
-flags.DEFINE_float("guidance", 3.0, "classifier-free guidance when rendering")
-flags.DEFINE_integer("seed", 0, "sampling seed")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The CLI's flags, defined only when it runs: genllava_jax.demo defines a --workdir too (one process may
+    import both, e.g. a test session)."""
+    flags.DEFINE_string("workdir", "runs/datagen", "everything the demo writes (its earlier outputs are replaced)")
+    flags.DEFINE_string("model", "runs/demo/train", "the trained demo model's workdir (make demo)")
+    flags.DEFINE_integer("scenes", 32, "world scenes for llava (x 3 requests)")
+    flags.DEFINE_integer("topics", 64, "world captions for stablellava")
+    flags.DEFINE_integer("reply_topics", 16, "of those, asked for the one-reply dialogue format too")
+    flags.DEFINE_integer("steps", 20, "DDIM steps when rendering")
+    flags.DEFINE_float("guidance", 3.0, "classifier-free guidance when rendering")
+    flags.DEFINE_integer("seed", 0, "sampling seed")
+
 
 OUTPUTS = ("world", "llava", "stablellava", "stablellava_images", "stablellava_reply", "report.json")
 
@@ -177,4 +183,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     errors.run(main)
