@@ -42,6 +42,20 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def trained_workdir(data_dir, tmp_path_factory):
+    """The micro model after a two-step training run (its checkpoint at step 2), for the CLI and server tests."""
+    from micro import micro_config, single_mesh
+
+    from genllava_jax import train
+
+    c = micro_config(data_dir)
+    c.train.update(steps=2, checkpoint_every=2)
+    out = tmp_path_factory.mktemp("run")
+    train.run(c, out, mesh=single_mesh())
+    return out
+
+
+@pytest.fixture(scope="module")
 def built(data_dir):
     """The micro model, built once (initialisation compiles slowly on CPU); tests take fresh copies."""
     import jax.numpy as jnp

@@ -7,21 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from micro import micro_config, single_mesh
 from PIL import Image
 
-from genllava_jax import cli, infer, train
+from genllava_jax import cli, infer
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def workdir(data_dir, tmp_path_factory):
-    c = micro_config(data_dir)
-    c.train.update(steps=2, checkpoint_every=2)
-    out = tmp_path_factory.mktemp("run")
-    train.run(c, out, mesh=single_mesh())
-    return out
+def workdir(trained_workdir):
+    return trained_workdir
 
 
 def test_chat_streams_the_answer_and_keeps_the_conversation(workdir, data_dir, capsys):

@@ -59,16 +59,8 @@ def test_batcher_answers_busy_past_its_bound_and_survives_a_failing_batch():
 
 
 @pytest.fixture(scope="module")
-def workdir(data_dir, tmp_path_factory):
-    from micro import micro_config, single_mesh
-
-    from genllava_jax import train
-
-    c = micro_config(data_dir)
-    c.train.update(steps=2, checkpoint_every=2)
-    out = tmp_path_factory.mktemp("run")
-    train.run(c, out, mesh=single_mesh())
-    return out
+def workdir(trained_workdir):
+    return trained_workdir
 
 
 SETTINGS = dict(max_new_tokens=4, num_steps=2)
