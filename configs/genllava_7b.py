@@ -22,7 +22,9 @@ factors or exports them as a PEFT adapter (README).
 It prints a progress bar and every `train.log_every` steps a line such as
     step 10 loss 3.2 ce 2.4 mse 0.14 token_accuracy 0.51 grad_norm 2.1 lr 6.7e-07 tokens_per_s ... images_per_s ...
 Parameters are kept in float32 and computed in bfloat16; Mistral and SigLIP are scanned with full remat; the mesh is
-fully sharded (fsdp) over all chips. `python -m launch.aot --config=configs/genllava_7b.py` checks the fit first.
+fully sharded (fsdp) over all chips. Attention is `auto` per tower (TPU: Pallas splash for the LLM, flash elsewhere;
+`--config.model.llm.attention=xla` etc. for the dense one) and the LM loss is tiled over the vocabulary.
+`python -m launch.aot --config=configs/genllava_7b.py` checks the fit first.
 """
 
 from genllava_jax.config import base_config
@@ -43,19 +45,21 @@ def get_config(arg=None):
     bf16 = dict(dtype="bfloat16", param_dtype="float32")
     m = c.model
     m.vision = dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16, image_size=384,
-                    patch_size=14, feature_layer=-2, remat="full", **bf16)
+                    patch_size=14, feature_layer=-2, remat="full", attention="auto", **bf16)
     m.projector = dict(vision_size=1152, text_size=4096, **bf16)
     m.llm = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                  num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None,
-                 tie_embeddings=False, remat="full", **bf16)
+                 tie_embeddings=False, remat="full", attention="auto", **bf16)
     m.head = dict(hidden_size=768, num_layers=4, num_heads=12, intermediate_size=3072, cross_attention_frequency=1,
-                  encoder_hidden_size=4096, llm_hidden_size=4096, num_query_tokens=77, out_dim=768, **bf16)
-    m.unet = dict(remat="full", **bf16)  # SD v1.4 defaults (genllava_jax.models.unet.UNetConfig)
-    m.vae = dict(**bf16)  # SD v1.4 defaults, scaling factor 0.18215
+                  encoder_hidden_size=4096, llm_hidden_size=4096, num_query_tokens=77, out_dim=768, attention="auto",
+                  **bf16)
+    m.unet = dict(remat="full", attention="auto", **bf16)  # SD v1.4 defaults (genllava_jax.models.unet.UNetConfig)
+    m.vae = dict(attention="auto", **bf16)  # SD v1.4 defaults, scaling factor 0.18215
     m.edit_mode = "semantic"
     m.cond_drop_prob = 0.1
     m.lambda_gen = 1.0
     m.diffusion_rows = 0
+    m.ce_vocab_tile = 8192  # the LM loss over vocabulary tiles (0: the whole logits)
 
     # our-format checkpoints written by `python -m convert ...`; a .npy sets a single parameter
     c.init = dict(vision="ckpt/siglip", llm="ckpt/mistral", unet="ckpt/sd/unet", vae="ckpt/sd/vae",
