@@ -16,7 +16,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import bench_util  # noqa: E402, F401 -- puts the checkout's root on sys.path (launch/)
-from genllava_jax import layers  # noqa: E402
+from genllava_jax import attention  # noqa: E402
 from launch import aot  # noqa: E402
 
 MiB = 2 ** 20
@@ -26,13 +26,12 @@ CELLS = {"llm": (32, 8, 128, True, None),  # Mistral-7B
 
 
 def backends() -> dict:
-    """name -> attention(q_BTNH, k_BSKH, v_BSKH, causal) for what this checkout has."""
-    def xla(q, k, v, causal):
-        T = q.shape[1]
-        mask = jnp.tril(jnp.ones((T, T), bool))[None, None] if causal else None
-        return layers.dot_product_attention(q, k, v, mask)
+    """name -> attention(q_BTNH, k_BSKH, v_BSKH, causal): the dense reference and the TPU kernels
+    (genllava_jax.attention), each called as the towers call it."""
+    def make(backend):
+        return lambda q, k, v, causal: attention.attention(q, k, v, attention.Mask(causal=causal), backend=backend)
 
-    return {"xla": xla}
+    return {name: make(name) for name in ("xla", "splash", "flash")}
 
 
 def scratch(fn, shapes, device, backward: bool) -> float:
