@@ -439,3 +439,54 @@ def test_a_killed_run_resumed_writes_every_id_once(reference, tiny_llm, world_in
     ref = {x["id"]: x for x in _lines(reference["root"] / "ref" / "llava.jsonl")}
     assert {x["id"]: x["conversations"] for x in kept} == {k: v["conversations"] for k, v in ref.items()}
     assert json.loads((tmp_path / "llava.report.json").read_text()) == reference["llava"]
+
+
+def test_a_converted_mistral_folder_is_an_llm(tiny_llm, tmp_path, capsys):
+    """`python -m convert mistral` output as --llm (its tokenizer from --tokenizer) on the hand-written COCO
+    annotation: the records and rejections, counted, are those of the Hugging Face folder it came from; a wrong
+    folder is one line naming it."""
+    from convert.__main__ import main as convert_main
+    from genllava_jax import errors
+    from genllava_jax.datagen.__main__ import main
+
+    ours = tmp_path / "mistral-ours"
+    assert convert_main(["mistral", "--from-hf", str(tiny_llm), "--out", str(ours)]) == 0
+    _png(tmp_path / "images" / "kitchen.jpg", 60), _png(tmp_path / "images" / "beach.jpg", 180)
+    (tmp_path / "prompts").mkdir()
+    for name in ("detail.toml", "conversation.toml"):
+        (tmp_path / "prompts" / name).write_text(TEST_PROMPTS[name])
+
+    def run(llm, out, *extra):
+        return errors.guard(main, [
+            "llava", f"--llm={llm}", *extra, f"--captions={FIX / 'coco_captions.json'}",
+            f"--instances={FIX / 'coco_instances.json'}", f"--images={tmp_path / 'images'}", f"--out={out}",
+            f"--prompts={tmp_path / 'prompts'}", "--batch_size=8", "--length_buckets=128,256", "--temperature=1.0",
+            "--top_p=1.0", "--seed=3", "--no_progress"])
+
+    assert run(ours, tmp_path / "ours" / "llava.jsonl", f"--tokenizer={tiny_llm}") == 0
+    assert run(tiny_llm, tmp_path / "hf" / "llava.jsonl") == 0
+    report = json.loads((tmp_path / "ours" / "llava.report.json").read_text())
+    kept, rejected = _lines(tmp_path / "ours" / "llava.jsonl"), _lines(tmp_path / "ours" / "llava.rejected.jsonl")
+    assert report["total"] == 4 and len(kept) == report["kept"] and len(rejected) == sum(report["filtered"].values())
+    assert {x["id"] for x in kept + rejected} == {f"{i}-{t}" for i in (7, 9) for t in ("detail", "conversation")}
+    assert {x["reason"] for x in rejected if x["id"].endswith("conversation")} <= {"no_turns", "empty", "unfinished"}
+    for rec in kept:
+        assert rec["conversations"][0]["value"].startswith("<image>\n") and rec["image"] in (
+            "../images/kitchen.jpg", "../images/beach.jpg")
+    assert json.loads((tmp_path / "hf" / "llava.report.json").read_text()) == report
+    assert _lines(tmp_path / "hf" / "llava.jsonl") == kept
+    assert [x["reply"] for x in _lines(tmp_path / "hf" / "llava.rejected.jsonl")] == [x["reply"] for x in rejected]
+    assert "llava.jsonl: kept" in capsys.readouterr().out
+
+    # wrong folders: one line each, naming the folder
+    (tmp_path / "clip-ours").mkdir(), (tmp_path / "clip-hf").mkdir()
+    (tmp_path / "clip-ours" / "config.json").write_text(json.dumps({"part": "clip", "config": {}}))
+    (tmp_path / "clip-hf" / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    tok = f"--tokenizer={tiny_llm}"
+    for llm, extra, says in ((ours, (), "no tokenizer"), (tmp_path / "images", (), "no config.json"),
+                             (tmp_path / "clip-ours", (tok,), "a converted 'clip', not a Mistral"),
+                             (tmp_path / "clip-hf", (tok,), "a Hugging Face 'clip' model")):
+        assert run(llm, tmp_path / "bad" / "llava.jsonl", *extra) == errors.USER_ERROR_STATUS
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--llm={llm}" in err and says in err, err
+    assert not (tmp_path / "bad").exists()

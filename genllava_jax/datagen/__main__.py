@@ -131,13 +131,14 @@ def _finish(out, a, report) -> int:
 
 
 def _llava(a) -> int:
-    from genllava_jax.datagen import coco, llava, output, prompts
+    from genllava_jax.datagen import coco, llava, llm, output, prompts
 
     files = _prompt_files(a.prompts, prompts.default_dir() / "llava")
     ps = {f.stem: prompts.load(f, {"context"}) for f in files}
     entries = coco.read(a.captions, a.instances)
     entries = entries[:a.limit] if a.limit else entries
     shard, n = _shard(a)
+    llm.check(a.llm, a.tokenizer)  # a wrong folder fails before the output is started
     spec = {"command": "llava", **_llm_spec(a), "captions": a.captions, "instances": a.instances,
             "images": str(Path(a.images).resolve()), "prompts": {f.stem: _digest([f]) for f in files},
             "limit": a.limit}
@@ -149,7 +150,7 @@ def _llava(a) -> int:
 
 
 def _stablellava(a) -> int:
-    from genllava_jax.datagen import output, prompts, stablellava as sl
+    from genllava_jax.datagen import llm, output, prompts, stablellava as sl
 
     path = Path(a.prompt) if a.prompt else prompts.default_dir() / "stablellava" / "dialogue.toml"
     import tomllib
@@ -163,6 +164,7 @@ def _stablellava(a) -> int:
     shard, n = _shard(a)
     if a.sd and a.genllava:
         raise errors.BadValue("--sd and --genllava: render with one of them")
+    llm.check(a.llm, a.tokenizer)  # a wrong folder fails before the output is started
     if not a.sd and not a.genllava and (Path(a.llm) / "checkpoints").is_dir():
         a.genllava = a.llm  # the LLM's own GenLLaVA renders
     spec = {"command": "stablellava", **_llm_spec(a), "topics": _digest([a.topics]), "prompt": _digest([path]),

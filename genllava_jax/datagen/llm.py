@@ -178,39 +178,52 @@ def local_mesh(spec: str = "data=-1"):
     return shd.make_mesh(axes, jax.local_devices())
 
 
+def check(path, tokenizer=None) -> str:
+    """What --llm names ("workdir", "ours": a converted Mistral, "hf": a Hugging Face Mistral), from its files
+    alone (no weights read): a wrong folder is a one-line error before anything is written or loaded."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():  # a training workdir
+        if tokenizer is not None:
+            raise errors.BadValue(f"--tokenizer: {path} is a training workdir; its own tokenizer is used")
+        return "workdir"
+    if not (path / "config.json").is_file():
+        raise errors.MissingFile(f"--llm={path}: not a converted Mistral folder, a Hugging Face Mistral folder or a "
+                                 f"training workdir (no config.json)")
+    tok_dir = Path(tokenizer) if tokenizer else path
+    if not (tok_dir / "tokenizer_config.json").is_file():
+        raise errors.MissingFile(f"--llm={path}: no tokenizer in {tok_dir} (tokenizer_config.json); pass "
+                                 f"--tokenizer=the Hugging Face folder the LLM came from")
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise errors.BadValue(f"--llm={path}: config.json is not JSON ({e})") from None
+    if "part" in meta:  # ours: {"part": ..., "config": ...}
+        if meta["part"] != "mistral":
+            raise errors.BadValue(f"--llm={path}: a converted {meta['part']!r}, not a Mistral")
+        if not (path / "params").is_dir():
+            raise errors.MissingFile(f"--llm={path}: a converted Mistral without its params/ folder; convert it "
+                                     f"again (python -m convert mistral --from-hf HF_DIR --out {path} --overwrite)")
+        return "ours"
+    if meta.get("model_type") not in ("mistral", "llama"):
+        raise errors.BadValue(f"--llm={path}: a Hugging Face {meta.get('model_type')!r} model; the data makers need "
+                              f"a Mistral (or Llama) causal LM")
+    return "hf"
+
+
 def load(path, *, tokenizer=None, mesh=None, **kw) -> tuple[ChatLLM, object]:
     """(ChatLLM, the GenLLaVA model or None) from a converted Mistral folder, a Hugging Face Mistral folder (its
     tokenizer beside it unless `tokenizer` names one) or a GenLLaVA training workdir (its LLM and tokenizer; the whole
     model is returned too, e.g. to render images with it). `kw` go to ChatLLM."""
-    from genllava_jax import checkpoint
+    from genllava_jax import checkpoint, converter
     from genllava_jax.data.tokenizer import load_tokenizer
 
     path = Path(path)
+    kind = check(path, tokenizer)
     mesh = local_mesh() if mesh is None else mesh
-    if (path / "checkpoints").is_dir():  # a training workdir
+    if kind == "workdir":
         from genllava_jax import cli
 
         assistant, _ = cli.load_assistant(path, mesh)
-        if tokenizer is not None:
-            raise errors.BadValue(f"--tokenizer: {path} is a training workdir; its own tokenizer is used")
         return ChatLLM(assistant.model.llm, assistant.tokenizer, mesh=mesh, **kw), assistant
-    if not (path / "config.json").is_file():
-        raise errors.MissingFile(f"--llm={path}: not a converted Mistral folder, a Hugging Face Mistral folder or a "
-                                 f"training workdir (no config.json)")
-    ours = (path / "params").is_dir()
-    if ours:
-        part = json.loads((path / "config.json").read_text()).get("part")
-        if part != "mistral":
-            raise errors.BadValue(f"--llm={path}: a converted {part!r}, not a Mistral")
-        model = checkpoint.load_module(path, mesh)
-    else:
-        try:
-            from convert import mistral as mistral_conv
-        except ImportError:  # installed: the converters are genllava_jax.convert
-            from genllava_jax.convert import mistral as mistral_conv
-        model = mistral_conv.from_hf(path, mesh)
-    tok_dir = Path(tokenizer) if tokenizer else path
-    if not (tok_dir / "tokenizer_config.json").is_file():
-        raise errors.MissingFile(f"{tok_dir}: no tokenizer (tokenizer_config.json); pass --tokenizer=the Hugging Face "
-                                 f"folder the LLM came from")
-    return ChatLLM(model, load_tokenizer(tok_dir, 1), mesh=mesh, **kw), None
+    model = checkpoint.load_module(path, mesh) if kind == "ours" else converter("mistral").from_hf(path, mesh)
+    return ChatLLM(model, load_tokenizer(Path(tokenizer) if tokenizer else path, 1), mesh=mesh, **kw), None
