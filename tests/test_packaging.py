@@ -1,5 +1,6 @@
 """Installed like a library: `pip install .` (no extras) into a fresh venv gives genllava_jax with convert, launch
-and configs as its subpackages (no generic top-level names) and console scripts that train."""
+and configs as its subpackages (no generic top-level names), the data makers' prompt files, and console scripts that
+train."""
 
 import json
 import os
@@ -87,6 +88,21 @@ def test_pip_install_without_extras_then_genllava_train_runs_the_tiny_config(tmp
     assert where.returncode == 0, where.stderr[-3000:]
     path, specs = where.stdout.splitlines()
     assert Path(path).is_relative_to(env_dir) and specs == "[None, None, None, None]"  # no torch: no extras
+    # the data makers' prompt files ship with it: found by their loaders in the installed package, each loading
+    prompt_check = (
+        "import json; from genllava_jax.datagen import edit, prompts; d = prompts.default_dir(); "
+        "names = sorted(p.relative_to(d).as_posix() for p in d.rglob('*.toml')); "
+        "[edit.load_templates(d / n) if n == 'edit_templates.toml' else prompts.load_fields(d / n) "
+        "if n.endswith('fields.toml') else prompts.load(d / n) for n in names]; "
+        "print(json.dumps([str(d), names]))")
+    found = subprocess.run([bin_dir / "python", "-c", prompt_check], capture_output=True, text=True, env=env,
+                           cwd=tmp_path)
+    assert found.returncode == 0, found.stderr[-3000:]
+    prompt_dir, names = json.loads(found.stdout)
+    shipped = ROOT / "configs" / "datagen"
+    assert Path(prompt_dir).is_relative_to(env_dir)
+    assert names == sorted(p.relative_to(shipped).as_posix() for p in shipped.rglob("*.toml")) and len(names) >= 11
+    assert all((Path(prompt_dir) / n).read_bytes() == (shipped / n).read_bytes() for n in names)
     for script, help_flag, flag in (("genllava-convert", "--help", "--from-hf"),
                                     ("genllava-sweep", "--helpfull", "--benchmark")):
         out = subprocess.run([bin_dir / script, help_flag], capture_output=True, text=True, env=env, cwd=tmp_path)

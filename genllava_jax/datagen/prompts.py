@@ -125,9 +125,9 @@ def load_fields(path) -> FieldsPrompt:
 
 def default_dir() -> Path:
     """configs/datagen of the checkout, else of the installed package (genllava_jax.configs)."""
-    here = Path(__file__).resolve().parents[2] / "configs" / "datagen"
-    if here.is_dir():
-        return here
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "configs" / "datagen").is_dir():  # not site-packages/configs
+        return root / "configs" / "datagen"
     from genllava_jax import configs
 
     return Path(configs.__file__).parent / "datagen"
