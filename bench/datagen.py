@@ -14,7 +14,8 @@ ours decodes with ChatLLM (left-padded length buckets, one compile per bucket), 
 into the same batches, left-pads them to the batch's longest prompt and calls `generate`; greedy, the same
 </s>. A random LLM rarely emits </s>: nearly every reply runs to --new tokens and is filtered as unfinished, which
 is the throughput we want (fixed work per record). Our compile time (the first run less a timed run) is apart; both
-sides get one warm-up run, then the runs alternate and the median of each side is reported.
+sides get one warm-up run, then the runs alternate; the ratio is the median of the pairs' ratios (a change in
+the machine's load hits a pair alike).
 
 stablellava: the tests' tiny random SD (tests/micro.py `tiny_sd_pipeline`, 16 px), loaded by `sd.load` as
 `--sd=FOLDER` does; the maker's renderer draws each record's noise from its id and renders full batches; diffusers
@@ -134,24 +135,27 @@ def bench_llava(a, tmp: Path) -> None:
         times["ours"].append(timed(lambda: run(ours))[1])
         times["transformers"].append(timed(lambda: run(ref))[1])
     ours_s, ref_s = (float(np.median(times[k])) for k in ("ours", "transformers"))
+    pairs = [round(r / o, 2) for o, r in zip(times["ours"], times["transformers"])]
     n = report["total"]
     same = sum(ours.seen[k] == ref.seen[k] for k in ours.seen)
     unfinished = report["filtered"].get("unfinished", 0)
     times = {k: [round(t, 1) for t in v] for k, v in times.items()}
     print(times)
     params = sum(p.numel() for p in hf.parameters()) / 1e6
-    record("datagen llava", f"python bench/datagen.py --batch {a.batch} --images {a.images} --new {a.new}",
+    record("datagen llava", f"python bench/datagen.py --batch {a.batch} --images {a.images} --new {a.new} "
+                            f"--repeats {a.repeats}",
            ["config", "ours records/s", "transformers generate records/s", "ratio (ours/transformers)",
             "greedy replies identical", "our compile s"],
            [f"random Mistral {LLM['num_hidden_layers']}L×{LLM['hidden_size']} ({params:.1f}M params, vocab "
             f"{hf.config.vocab_size}), {n} records ({a.images} COCO images × {len(ps)} shipped prompt files, "
             f"prompts {min(lengths)}-{max(lengths)} tokens), batch {a.batch}, ≤{a.new} new tokens, greedy",
-            f"{n / ours_s:.3g}", f"{n / ref_s:.3g}", f"{ref_s / ours_s:.2f}×", f"{same}/{len(ours.seen)}",
+            f"{n / ours_s:.3g}", f"{n / ref_s:.3g}", f"{np.median(pairs):.2f}×", f"{same}/{len(ours.seen)}",
             f"{first_s - ours_s:.1f}"],
            note=f"Both sides run the `llava` maker end to end (prompts, parsing, filters, writing); {unfinished} of "
                 f"{n} replies ran to the token limit (filtered as unfinished: a random LLM). Ours pads each batch "
                 f"to its length bucket ({sorted(chat.shapes)} (bucket, new tokens) compiled), the reference to the "
-                f"batch's longest prompt. Seconds per run (alternating): {times}; float32 on this CPU, torch "
+                f"batch's longest prompt. Seconds per run (alternating): {times}, each pair's ratio {pairs} "
+                f"(the table: their median; records/s: each side's median run); float32 on this CPU, torch "
                 f"{torch.get_num_threads()} thread(s); 1-minute load average {os.getloadavg()[0]:.1f} at the end "
                 f"on {os.cpu_count()} cores. Compile: the first run less the median run.")
 
@@ -185,21 +189,23 @@ def bench_stablellava(a, tmp: Path) -> None:
         ref, t = timed(run_diffusers)
         times["diffusers"].append(t)
     ours_s, ref_s = (float(np.median(times[k])) for k in ("ours", "diffusers"))
+    pairs = [round(r / o, 2) for o, r in zip(times["ours"], times["diffusers"])]
     diff = float(np.abs(np.stack(out).astype(np.float32) - np.round(ref * 255)).max())
     times = {k: [round(t, 2) for t in v] for k, v in times.items()}
     print(times)
     params = sum(p.numel() for m in (pipe_hf.unet, pipe_hf.vae, pipe_hf.text_encoder) for p in m.parameters()) / 1e6
     record("datagen stablellava render", f"python bench/datagen.py --batch {a.batch} --renders {a.renders} "
-                                         f"--steps {a.steps}",
+                                         f"--steps {a.steps} --repeats {a.repeats}",
            ["config", "ours images/s", "diffusers images/s", "ratio (ours/diffusers)", "max |Δ| pixels (0-255)",
             "our compile s"],
            [f"the tests' tiny random SD ({params:.2f}M params), {size}×{size} images, {a.renders} records, batch "
             f"{a.batch}, DDIM {a.steps} steps + CFG 7.5", f"{a.renders / ours_s:.3g}", f"{a.renders / ref_s:.3g}",
-            f"{ref_s / ours_s:.2f}×", f"{diff:.0f}", f"{first_s - ours_s:.1f}"],
+            f"{np.median(pairs):.2f}×", f"{diff:.0f}", f"{first_s - ours_s:.1f}"],
            note=f"The maker's render step only (`SDRenderer`: each record's noise from its id, full batches, uint8 "
                 f"out) vs the diffusers pipeline on the same prompts and latents (its [0, 1] floats rounded to "
                 f"0-255). At this size the step is dominated by per-call overhead, not by the UNet: bench/sd.py "
-                f"has the pipelines at 64 px. Seconds per run (alternating): {times}; 1-minute load average "
+                f"has the pipelines at 64 px. Seconds per run (alternating): {times}, each pair's ratio {pairs} (the "
+                f"table: their median); torch {torch.get_num_threads()} thread(s); 1-minute load average "
                 f"{os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores.")
 
 
@@ -210,7 +216,7 @@ def main():
     p.add_argument("--new", type=int, default=128, help="llava: max new tokens per reply")
     p.add_argument("--renders", type=int, default=16, help="stablellava: images rendered")
     p.add_argument("--steps", type=int, default=25, help="stablellava: DDIM steps")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", choices=("llava", "stablellava"), default=None)
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
