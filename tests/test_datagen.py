@@ -490,3 +490,18 @@ def test_a_converted_mistral_folder_is_an_llm(tiny_llm, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"--llm={llm}" in err and says in err, err
     assert not (tmp_path / "bad").exists()
+
+
+def test_stablellava_wrong_render_folders_fail_before_the_output_starts(tiny_llm, tmp_path, capsys):
+    from genllava_jax import errors
+    from genllava_jax.datagen.__main__ import main
+
+    (tmp_path / "topics.txt").write_text("a red circle\n")
+    base = ["stablellava", f"--llm={tiny_llm}", f"--topics={tmp_path / 'topics.txt'}", f"--out={tmp_path / 'o.jsonl'}"]
+    for extra, says in (((), "renders with --sd=FOLDER or --genllava"), ((f"--sd={tmp_path / 'nosd'}",), "--sd="),
+                        ((f"--genllava={tmp_path}",), "not a training workdir"),
+                        ((f"--sd={tmp_path}", f"--clip={tmp_path / 'noclip'}"), "--clip=")):
+        assert errors.guard(main, base + list(extra)) == errors.USER_ERROR_STATUS
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+    assert list(tmp_path.iterdir()) == [tmp_path / "topics.txt"]

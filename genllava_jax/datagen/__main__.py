@@ -167,6 +167,13 @@ def _stablellava(a) -> int:
     llm.check(a.llm, a.tokenizer)  # a wrong folder fails before the output is started
     if not a.sd and not a.genllava and (Path(a.llm) / "checkpoints").is_dir():
         a.genllava = a.llm  # the LLM's own GenLLaVA renders
+    if not a.sd and not a.genllava:
+        raise errors.BadValue("stablellava renders with --sd=FOLDER or --genllava=WORKDIR (or an --llm workdir)")
+    for flag, folder in (("sd", a.sd), ("genllava", a.genllava), ("clip", a.clip)):  # before the output is started
+        if folder and not Path(folder).is_dir():
+            raise errors.MissingFile(f"--{flag}={folder}: no such folder")
+    if a.genllava and not (Path(a.genllava) / "checkpoints").is_dir():
+        raise errors.MissingFile(f"--genllava={a.genllava}: not a training workdir (no checkpoints/)")
     spec = {"command": "stablellava", **_llm_spec(a), "topics": _digest([a.topics]), "prompt": _digest([path]),
             "sd": a.sd and str(Path(a.sd).resolve()), "genllava": a.genllava and str(Path(a.genllava).resolve()),
             "render_template": a.render_template, "steps": a.steps, "guidance": a.guidance, "sampler": a.sampler,
@@ -198,8 +205,6 @@ def renderer(a, chat, own):
         from genllava_jax import cli
 
         own = cli.load_assistant(a.genllava, chat.mesh)[0]
-    if not a.genllava:
-        raise errors.BadValue("stablellava renders with --sd=FOLDER or --genllava=WORKDIR (or an --llm workdir)")
     return sl.GenLLaVARenderer(own, template=a.render_template, **kw)
 
 
