@@ -1,14 +1,16 @@
 """LoRA factors (genllava_jax.lora) <-> PEFT adapters, and the command line that merges and exports them.
 
-    python -m convert.lora merge --workdir=runs/lora --out=ckpt/llm_merged [--hf]   # the LLM with LoRA folded in
-    python -m convert.lora to-peft --workdir=runs/lora --out=hf/adapter --base-out=hf/base
+    python -m convert.lora merge --workdir=runs/lora --out=ckpt/llm_merged [--hf] [--part=unet]
+    python -m convert.lora to-peft --workdir=runs/lora --out=hf/adapter --base-out=hf/base [--part=unet]
     python -m convert.lora from-peft hf/adapter --base=ckpt/mistral --out=ckpt/mistral_adapted [--hf]
 
-`to-peft` writes `adapter_config.json` + `adapter_model.safetensors` as `peft` saves them for the part's HF model
-(MistralForCausalLM for the LLM) and, with `--base-out`, the trained LLM without its factors as a HF folder:
-`PeftModel.from_pretrained(MistralForCausalLM.from_pretrained(base), adapter)` is then our model. The base is the
-trained one (LoRA freezes only the kernels it adapts; embeddings, norms and the head may have trained too).
-`from-peft` loads an adapter onto one of our Mistral checkpoints and writes the merged model.
+`--part` is the trained part (`train.lora.<part>`): `llm` (default; MistralForCausalLM), `unet` (diffusers'
+UNet2DConditionModel) or `head` (the Q-former head; `convert.torch_genllava.TorchHead` in torch). `to-peft` writes
+`adapter_config.json` + `adapter_model.safetensors` as `peft` saves them for the part's torch model and, with
+`--base-out`, the trained part without its factors as a HF folder: `PeftModel.from_pretrained(base model, adapter)`
+is then our part. The base is the trained one (LoRA freezes only the kernels it adapts; embeddings, norms and the
+head may have trained too). `from-peft` loads an adapter onto one of our Mistral, UNet or Q-former head checkpoints
+and writes the merged model.
 
 Keys come from the part's converter table: our `layers/q/kernel` is HF's `model.layers.{i}.self_attn.q_proj.weight`,
 so its factors are `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` (rank, in) and
@@ -33,7 +35,7 @@ from genllava_jax import errors, lora
 from genllava_jax import sharding as shd
 from genllava_jax.atomic import atomic_write
 
-from .common import ConversionError, Layout, Linear, Rule, TensorReader, read_json
+from .common import ConversionError, Conv, Layout, Linear, Rule, TensorReader, flat_vars, read_json
 from .stream import Tensor, write_safetensors
 
 PREFIX = "base_model.model."  # PeftModel wraps the HF model (base_model) that wraps the transformer (model)
@@ -60,6 +62,34 @@ def _hf_modules(rule: Rule, layers: int | None) -> list[str]:
 
 def _layers(rule: Rule, lin) -> int | None:
     return lin.kernel.get_value().shape[0] if rule.stacked else None
+
+
+def _all_modules(module: nnx.Module, layout: Layout) -> set[str]:
+    """Every HF module name the layout implies: each parameter's module and the containers above it."""
+    shapes = {p: v.get_value().shape for p, v in flat_vars(nnx.state(module, nnx.Param)).items()}
+    out = set()
+    for r in layout.rules:
+        if r.ours in shapes:
+            for key in ([r.key(i) for i in range(shapes[r.ours][0])] if r.stacked else [r.hf]):
+                parts = key.split(".")[:-1]
+                out.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+    return out
+
+
+def _target_modules(adapted: set[str], every: set[str]) -> list[str]:
+    """PEFT's `target_modules` for the HF modules `adapted`: for each, the shortest dotted suffix of its name (not
+    starting at a bare list index) that ends no other module's name, e.g. `q_proj`, or diffusers' `to_out.0`."""
+    targets = set()
+    for name in adapted:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if not parts[-k].isdigit() and all(n in adapted for n in every if n == suffix or n.endswith("." + suffix)):
+                targets.add(suffix)
+                break
+        else:
+            targets.add(name)
+    return sorted(targets)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,9 +119,16 @@ def adapter_tensors(module: nnx.Module, layout: Layout, dtype=None) -> list[Tens
     return out
 
 
+def task_type(module: nnx.Module) -> str | None:
+    """PEFT's task type of the part's torch model: causal LM for the LLM, none (a plain PeftModel) otherwise."""
+    from genllava_jax.models.mistral import Mistral
+
+    return "CAUSAL_LM" if isinstance(module, Mistral) else None
+
+
 def peft_config(module: nnx.Module, layout: Layout, base_model_name_or_path: str | None = None) -> dict:
     """adapter_config.json for the LoRA in `module`: one rank, alpha and dropout (PEFT's `r`, `lora_alpha`,
-    `lora_dropout`), and `target_modules` as the module names' last parts, which must select exactly the adapted
+    `lora_dropout`), and `target_modules` as the module names' shortest suffixes that select exactly the adapted
     layers."""
     adapted = lora.adapted(module)
     if not adapted:
@@ -102,13 +139,9 @@ def peft_config(module: nnx.Module, layout: Layout, base_model_name_or_path: str
                               f"config holds one of each")
     rank, alpha, dropout = settings.pop()
     rules, linears = _linear_rules(layout, module), lora.linears(module)
-    names = {p: _hf_modules(r, _layers(r, linears[p])) for p, r in rules.items()}
-    targets = sorted({names[p][0].rsplit(".", 1)[-1] for p in adapted if p in names})
-    for p, ns in names.items():  # PEFT adapts every module whose name ends in a target
-        if p not in adapted and any(n.rsplit(".", 1)[-1] in targets for n in ns):
-            raise ConversionError(f"{p} has no LoRA but shares its HF name {ns[0].rsplit('.', 1)[-1]!r} with an "
-                                  f"adapted layer: PEFT's target_modules cannot tell them apart")
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+    names = {n for p in adapted if p in rules for n in _hf_modules(rules[p], _layers(rules[p], linears[p]))}
+    targets = _target_modules(names, _all_modules(module, layout))
+    return {"peft_type": "LORA", "task_type": task_type(module), "base_model_name_or_path": base_model_name_or_path,
             "r": rank, "lora_alpha": float(alpha), "lora_dropout": float(dropout), "target_modules": targets,
             "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
             "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
@@ -159,13 +192,11 @@ def read_peft(module: nnx.Module, layout: Layout, adapter, mesh=None) -> nnx.Mod
     _check_config(cfg, file)
     targets = cfg["target_modules"]
     rules, linears = _linear_rules(layout, module), lora.linears(module)
-    if targets == "all-linear":  # PEFT: every linear layer but the output head
-        targets = [n.rsplit(".", 1)[-1] for p, r in rules.items() for n in _hf_modules(r, _layers(r, linears[p]))
-                   if n != "lm_head"]
     paths = []
     for p, r in rules.items():
         names = _hf_modules(r, _layers(r, linears[p]))
-        hit = [_matches(targets, n) for n in names]
+        # "all-linear": PEFT's every linear layer but a transformers model's output head
+        hit = [n != "lm_head" if targets == "all-linear" else _matches(targets, n) for n in names]
         if all(hit):
             paths.append(p)
         elif any(hit):
@@ -187,9 +218,12 @@ def read_peft(module: nnx.Module, layout: Layout, adapter, mesh=None) -> nnx.Mod
             want[f"{PREFIX}{name}.lora_B.weight"] = (p, i if rule.stacked else None, "b")
     missing, unexpected = sorted(set(want) - set(reader.keys())), sorted(set(reader.keys()) - set(want))
     if missing or unexpected:
+        convs = {f"{PREFIX}{r.hf.removesuffix('.weight')}." for r in layout.rules if isinstance(r.transform, Conv)}
+        why = ("; LoRA on convolutions is not supported (ours adapts linear layers only)"
+               if any(k.startswith(tuple(convs)) for k in unexpected) else "")
         raise ConversionError(f"{adapter / WEIGHTS}.safetensors: " + "; ".join(
             f"{what} keys {keys[:5]}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-            for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys))
+            for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys) + why)
     lora.add(module, lcfg, None, paths=paths)
     for p in paths:
         lo, rule = linears[p].lora, rules[p]
@@ -225,25 +259,33 @@ def main(argv=None) -> int:
     return errors.guard(_main, argv)
 
 
+# a trained part (GenLLaVA's attribute, train.lora.<part>) -> the part name of its checkpoints and converter module
+PARTS = {"llm": "mistral", "unet": "unet", "head": "qformer"}
+
+
+def _converter(part: str):
+    import importlib
+
+    return importlib.import_module(f"convert.{part}")
+
+
 def _main(argv) -> int:
     from genllava_jax import checkpoint, train
-    from genllava_jax.models.mistral import Mistral
-
-    from . import mistral as conv
 
     p = argparse.ArgumentParser(prog="python -m convert.lora", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("merge", help="a LoRA run's LLM with the factors folded into its kernels")
-    m.add_argument("--workdir", required=True, help="the training run (its newest checkpoint)")
-    m.add_argument("--hf", action="store_true", help="write a HF MistralForCausalLM folder, not our checkpoint")
-    t = sub.add_parser("to-peft", help="a LoRA run's LLM factors as a PEFT adapter (+ its base as a HF folder)")
-    t.add_argument("--workdir", required=True, help="the training run (its newest checkpoint)")
-    t.add_argument("--base-out", help="also write the LLM without its factors here (a HF folder)")
-    f = sub.add_parser("from-peft", help="a PEFT adapter loaded onto our Mistral checkpoint, merged")
+    m = sub.add_parser("merge", help="a LoRA run's part with the factors folded into its kernels")
+    t = sub.add_parser("to-peft", help="a LoRA run's factors of one part as a PEFT adapter (+ its base as a HF folder)")
+    for s in (m, t):
+        s.add_argument("--workdir", required=True, help="the training run (its newest checkpoint)")
+        s.add_argument("--part", choices=sorted(PARTS), default="llm", help="the part trained with LoRA (default llm)")
+    m.add_argument("--hf", action="store_true", help="write the part's HF folder, not our checkpoint")
+    t.add_argument("--base-out", help="also write the part without its factors here (a HF folder)")
+    f = sub.add_parser("from-peft", help="a PEFT adapter loaded onto our Mistral, UNet or Q-former head, merged")
     f.add_argument("adapter", help="a folder with adapter_config.json and adapter_model.safetensors")
-    f.add_argument("--base", required=True, help="our Mistral checkpoint (python -m convert mistral --from-hf)")
-    f.add_argument("--hf", action="store_true", help="write a HF MistralForCausalLM folder, not our checkpoint")
+    f.add_argument("--base", required=True, help="our checkpoint of the part (python -m convert PART --from-hf)")
+    f.add_argument("--hf", action="store_true", help="write the part's HF folder, not our checkpoint")
     for s in (m, t, f):
         s.add_argument("--out", required=True)
         s.add_argument("--overwrite", action="store_true")
@@ -255,26 +297,30 @@ def _main(argv) -> int:
         if not (Path(a.workdir) / "model_config.json").is_file():
             raise errors.MissingFile(f"--workdir {a.workdir}: not a training run (no model_config.json)")
         model, _ = train.load_trained(a.workdir, _mesh(), merge_lora=a.command == "merge")
-        llm = model.llm
+        part, module = PARTS[a.part], getattr(model, a.part)
+        conv = _converter(part)
         if a.command == "to-peft":
-            if not lora.adapted(llm):
-                raise errors.BadValue(f"--workdir {a.workdir}: its LLM has no LoRA factors (train.lora.llm.rank 0)")
+            if not lora.adapted(module):
+                raise errors.BadValue(f"--workdir {a.workdir}: its {a.part} has no LoRA factors "
+                                      f"(train.lora.{a.part}.rank 0)")
             base = str(Path(a.base_out).absolute()) if a.base_out else None
-            write_peft(llm, conv.layout(llm), a.out, base_model_name_or_path=base, overwrite=a.overwrite)
+            write_peft(module, conv.layout(module), a.out, base_model_name_or_path=base, overwrite=a.overwrite)
             if a.base_out:
-                conv.to_hf(lora.strip(llm), a.base_out, overwrite=a.overwrite)
+                conv.to_hf(lora.strip(module), a.base_out, overwrite=a.overwrite)
             print(f"wrote {a.out}" + (f" and {a.base_out}" if a.base_out else ""))
             return 0
     else:
-        llm = checkpoint.load_module(a.base, _mesh())
-        if not isinstance(llm, Mistral):
-            raise errors.BadValue(f"--base {a.base}: holds a {type(llm).__name__}, not a Mistral")
-        lora.merge(read_peft(llm, conv.layout(llm), a.adapter, _mesh()))
+        part = checkpoint.read_config(a.base)[0]
+        if part not in PARTS.values():
+            raise errors.BadValue(f"--base {a.base}: holds a {part} checkpoint; adapters load onto "
+                                  f"{', '.join(sorted(PARTS.values()))}")
+        module, conv = checkpoint.load_module(a.base, _mesh()), _converter(part)
+        lora.merge(read_peft(module, conv.layout(module), a.adapter, _mesh()))
     if a.hf:
-        conv.to_hf(llm, a.out, overwrite=a.overwrite)
+        conv.to_hf(module, a.out, overwrite=a.overwrite)
     else:
-        checkpoint.save_module(a.out, llm, "mistral", overwrite=a.overwrite)
-    print(f"wrote {a.out} ({'HF' if a.hf else 'our'} Mistral, LoRA merged)")
+        checkpoint.save_module(a.out, module, part, overwrite=a.overwrite)
+    print(f"wrote {a.out} ({'HF' if a.hf else 'our'} {part}, LoRA merged)")
     return 0
 
 

@@ -54,7 +54,9 @@ def torch_projector(cfg, folder) -> torch.nn.Sequential:
 
 
 class TorchHead(torch.nn.Module):
-    """Our Q-former head on `Blip2QFormerModel`: hidden + embeddings -> [in linear] -> queries attend -> out linear."""
+    """Our Q-former head on `Blip2QFormerModel`: hidden + embeddings -> [in linear] -> queries attend -> out linear.
+    Its parameter (and module) names are the export's keys (`qformer.*`, `query_tokens`, `gen_head.*`), so it loads
+    the folder strictly and PEFT adapters of the head name its modules as `convert/lora.py` does."""
 
     def __init__(self, folder: Path):
         super().__init__()
@@ -66,23 +68,17 @@ class TorchHead(torch.nn.Module):
         # our Q-former has no dropout; BLIP-2's config defaults to 0.1 (active in train mode)
         qcfg = {**hf["qformer_config"], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
         self.qformer = Blip2QFormerModel(Blip2QFormerConfig.from_dict(qcfg))
-        self.qformer.load_state_dict({k.removeprefix("qformer."): v for k, v in sd.items()
-                                      if k.startswith("qformer.")}, strict=True)
-        self.query_tokens = torch.nn.Parameter(sd["query_tokens"])
-        linear = lambda name: (torch.nn.Linear(*sd[f"{name}.weight"].shape[::-1])
-                               if f"{name}.weight" in sd else None)
-        self.in_proj, self.out_proj = linear("gen_head.in_proj"), linear("gen_head.out_proj")
-        for name in ("in_proj", "out_proj"):
-            if getattr(self, name) is not None:
-                getattr(self, name).load_state_dict({"weight": sd[f"gen_head.{name}.weight"],
-                                                    "bias": sd[f"gen_head.{name}.bias"]})
+        self.query_tokens = torch.nn.Parameter(torch.empty_like(sd["query_tokens"]))
+        self.gen_head = torch.nn.ModuleDict({name: torch.nn.Linear(*sd[f"gen_head.{name}.weight"].shape[::-1])
+                                             for name in ("in_proj", "out_proj") if f"gen_head.{name}.weight" in sd})
+        self.load_state_dict(sd, strict=True)
 
     def forward(self, hidden, embeds):
         x = hidden + embeds
-        x = x if self.in_proj is None else self.in_proj(x)
+        x = self.gen_head["in_proj"](x) if "in_proj" in self.gen_head else x
         y = self.qformer(query_embeds=self.query_tokens.expand(x.shape[0], -1, -1),
                          encoder_hidden_states=x).last_hidden_state
-        return y if self.out_proj is None else self.out_proj(y)
+        return self.gen_head["out_proj"](y) if "out_proj" in self.gen_head else y
 
 
 class TorchGenLLaVA(torch.nn.Module):

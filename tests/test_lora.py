@@ -1,6 +1,7 @@
 """LoRA (genllava_jax.lora, convert/lora.py): trained in the one jitted step with the base kernels frozen, sharded by
 the rules, merged into the kernels, exported as a PEFT adapter that `peft` loads onto the exported base with the same
-logits (small random Mistral from transformers), and PEFT adapters imported back."""
+logits (small random Mistral from transformers; also diffusers' UNet and the Q-former head), and PEFT adapters
+imported back."""
 
 import json
 
@@ -15,7 +16,7 @@ from oracle import assert_close, save_hf
 from safetensors import safe_open
 from transformers import MistralConfig as HFConfig, MistralForCausalLM
 
-from convert import lora as peft_io, mistral as conv
+from convert import lora as peft_io, mistral as conv, qformer as head_conv, unet as unet_conv
 from convert.common import ConversionError
 from genllava_jax import checkpoint, config_check, errors, flops, lora, sharding as shd, train
 from genllava_jax.models.mistral import Mistral, MistralConfig
@@ -338,3 +339,127 @@ def test_lora_config_errors_name_the_key(data_dir):
                                               r"linear layers are \['layers/down', .*'lm_head'\]"):
         train.build(c, single_mesh())
     assert lora.configs(micro_config(data_dir).train.lora) == {}  # rank 0 by default: no LoRA
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The UNet and the Q-former head: the same export, keys from their converters' tables
+
+UNET = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=24,
+            attention_head_dim=4, use_linear_projection=True, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+# self-attention but not cross-attention (attn1.to_q, not to_q), the GEGLU feed-forward (ff.net.0.proj, ff.net.2),
+# the linear proj_in, and the time embedding's linears
+UNET_TARGETS = (r".*/attn1/to_(q|k|v|out)", r".*/ff_(in|out)", r".*/proj_in", r"time_embedding/linear_1",
+                r".*/time_emb_proj")
+
+
+def peft_tensors(folder):
+    with safe_open(str(folder / "adapter_model.safetensors"), "np") as f:
+        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+
+
+def factors(module):
+    """{path: (A, B, scale)} of every LoRA in `module`, on the host."""
+    return {p: (np.asarray(lo.a.get_value()), np.asarray(lo.b.get_value()), lo.scale)
+            for p, lo in lora.adapted(module).items()}
+
+
+def assert_same_factors(got, want):
+    assert sorted(got) == sorted(want)
+    for p, (a, b, scale) in want.items():
+        np.testing.assert_array_equal(got[p][0], a, err_msg=p)
+        np.testing.assert_array_equal(got[p][1], b, err_msg=p)
+        assert got[p][2] == scale, p
+
+
+@pytest.mark.slow  # 19-24 s on the shared machine: a UNet compile, 4 torch forwards, the CLI
+def test_unet_lora_exports_to_peft_and_diffusers_and_imports_back(tmp_path):
+    """A LoRA on our UNet: the adapter peft writes for UNet2DConditionModel with the same target_modules (keys,
+    shapes, dtypes), loaded by PeftModel and by diffusers' load_lora_adapter onto the exported UNet with our output;
+    read back, the same factors; the from-peft CLI's merged diffusers folder gives the same output."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    save_hf(UNet2DConditionModel(**UNET), tmp_path / "hf")
+    model = randomize(lora.add(unet_conv.from_hf(tmp_path / "hf"), lora.LoRAConfig(rank=4, alpha=8.0,
+                                                                                    targets=UNET_TARGETS), None))
+    assert len(lora.adapted(model)) == 4 * 7 + 1 + 8  # 4 transformers (6 linears + proj_in), 8 resnets
+    rng = np.random.RandomState(0)
+    x, t, ctx = rng.randn(2, 8, 8, 4).astype(np.float32), np.array([999, 17]), rng.randn(2, 7, 24).astype(np.float32)
+    graphdef, state = nnx.split(model)
+    ours = np.asarray(jax.jit(lambda s: nnx.merge(graphdef, s)(x, t, ctx))(state))
+    peft_io.write_peft(model, unet_conv.layout(model), tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["attn1.to_k", "attn1.to_out.0", "attn1.to_q", "attn1.to_v", "linear_1",
+                                     "net.2", "proj", "proj_in", "time_emb_proj"] and cfg["task_type"] is None
+    trained = factors(model)
+    unet_conv.to_hf(lora.strip(model), tmp_path / "base")
+    checkpoint.save_module(tmp_path / "ckpt", model, "unet")  # stripped: the base in our format
+
+    ref = get_peft_model(UNet2DConditionModel(**UNET), LoraConfig(r=4, lora_alpha=8,
+                                                                 target_modules=cfg["target_modules"]))
+    ref.save_pretrained(tmp_path / "ref")
+    assert peft_tensors(tmp_path / "adapter") == peft_tensors(tmp_path / "ref")
+
+    def torch_out(unet):
+        with torch.no_grad():
+            out = unet(torch.tensor(x.transpose(0, 3, 1, 2)), torch.tensor(t), torch.tensor(ctx)).sample
+        return out.numpy().transpose(0, 2, 3, 1)
+
+    peft_model = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(tmp_path / "base"),
+                                           tmp_path / "adapter").eval()
+    assert_close(torch_out(peft_model), ours, what="PeftModel UNet vs ours")
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "base").eval()
+    assert np.abs(torch_out(unet) - ours).max() > 0.1 * np.abs(ours).max()  # the adapter matters
+    # diffusers' loader: from a folder it takes alpha from its own safetensors metadata (alpha = rank without it),
+    # so the tensors and adapter_config.json are passed in
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    unet.load_lora_adapter({k.removeprefix(peft_io.PREFIX): v for k, v in weights.items()}, prefix=None, metadata=cfg)
+    assert_close(torch_out(unet), ours, what="diffusers load_lora_adapter vs ours")
+
+    back = unet_conv.from_hf(tmp_path / "base")
+    peft_io.read_peft(back, unet_conv.layout(back), tmp_path / "adapter")
+    assert_same_factors(factors(back), trained)
+    assert peft_io.main(["from-peft", str(tmp_path / "adapter"), "--base", str(tmp_path / "ckpt"),
+                         "--out", str(tmp_path / "merged"), "--hf"]) == 0
+    assert_close(torch_out(UNet2DConditionModel.from_pretrained(tmp_path / "merged").eval()), ours,
+                 what="from-peft CLI's merged diffusers UNet")
+
+
+def test_head_lora_exports_to_peft_and_imports_back(tmp_path):
+    """The Q-former head (4 layers, cross-attention every 2nd: our stacked slice i is HF layer 2i + j): LoRA on the
+    cross-attention layers (0 and 2) and the output linear exports as peft writes it for TorchHead, which PeftModel
+    runs with our output; read back, the same factors."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from convert.torch_genllava import TorchHead
+    from genllava_jax.models.qformer import TINY_HEAD, QFormerHead
+
+    cfg = TINY_HEAD.replace(num_layers=4, cross_attention_frequency=2)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: QFormerHead(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.RandomState(0)  # every parameter random, biases and norms too, without compiling an initialiser
+    head = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(0.2 * rng.randn(*a.shape), a.dtype), state))
+    model = randomize(lora.add(head, lora.LoRAConfig(rank=2, alpha=6.0, targets=(r"qformer/groups/layers/0/.*",
+                                                                                  "out_proj")), None))
+    hidden, embeds = (rng.randn(2, 4, cfg.llm_hidden_size).astype(np.float32) for _ in range(2))
+    graphdef, state = nnx.split(model)
+    ours = np.asarray(jax.jit(lambda s: nnx.merge(graphdef, s)(hidden, embeds))(state))
+    peft_io.write_peft(model, head_conv.layout(model), tmp_path / "adapter")
+    targets = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    # self-attention and MLP names are shared with the odd layers: named by layer; cross-attention is only in these
+    assert "crossattention.attention.query" in targets and "layer.2.attention.attention.query" in targets
+    trained = factors(model)
+    head_conv.to_hf(lora.strip(model), tmp_path / "base")
+
+    ref = get_peft_model(TorchHead(tmp_path / "base"), LoraConfig(r=2, lora_alpha=6, target_modules=targets))
+    ref.save_pretrained(tmp_path / "ref")
+    assert peft_tensors(tmp_path / "adapter") == peft_tensors(tmp_path / "ref")
+    peft_model = PeftModel.from_pretrained(TorchHead(tmp_path / "base"), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert_close(peft_model(torch.tensor(hidden), torch.tensor(embeds)).numpy(), ours, what="PeftModel head")
+    back = head_conv.from_hf(tmp_path / "base")
+    peft_io.read_peft(back, head_conv.layout(back), tmp_path / "adapter")
+    assert_same_factors(factors(back), trained)
