@@ -427,6 +427,11 @@ def test_unet_lora_exports_to_peft_and_diffusers_and_imports_back(tmp_path):
                          "--out", str(tmp_path / "merged"), "--hf"]) == 0
     assert_close(torch_out(UNet2DConditionModel.from_pretrained(tmp_path / "merged").eval()), ours,
                  what="from-peft CLI's merged diffusers UNet")
+    get_peft_model(UNet2DConditionModel.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=2, target_modules=["to_q", "conv1"])).save_pretrained(tmp_path / "conv")
+    with pytest.raises(ConversionError, match=r"unexpected keys .*resnets\.0\.conv1\.lora_A.*LoRA on convolutions "
+                                              r"is not supported"):
+        peft_io.read_peft(back, unet_conv.layout(back), tmp_path / "conv")
 
 
 def test_head_lora_exports_to_peft_and_imports_back(tmp_path):
