@@ -1,6 +1,6 @@
 """Remat policies by checkpoint name (layers.REMAT_POLICIES, "save:..." / "offload:..."): each gives the loss and
-gradients of no remat, on the scanned Mistral (every policy), the UNet (full remat and every policy by name: it tags
-every name), SigLIP and the Q-former, host offload included (CPU has a pinned_host memory too).
+gradients of no remat, on the scanned Mistral (every policy and a name list), the UNet (full remat and every policy by
+name: it tags every name), SigLIP and the Q-former, host offload included (CPU has a pinned_host memory too).
 
 Cheap by construction: one random state per tower (drawn with numpy, shared by its policies), the no-remat reference
 computed once per tower, one compile per policy, and those compiles at XLA's lowest CPU optimisation level (compiling
@@ -44,7 +44,7 @@ TOWERS = {  # name: (build(remat policy), loss(model), the policies checked)
     "mistral": (lambda p: Mistral(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_layers=2,
                                                 num_heads=4, num_kv_heads=2, head_dim=8, remat=p), rngs=nnx.Rngs(0)),
                 lambda m: jnp.sum(m(data(2, 12, ints=64), attention_mask=pad(2, 12, [12, 9])).logits ** 2),
-                POLICIES),
+                POLICIES + ["offload:q_proj,mlp_out"]),
     "unet": (lambda p: UNet(UNET.replace(remat=p), rngs=nnx.Rngs(0)),
              lambda m: jnp.sum(m(data(2, 4, 4, 4), jnp.array([999, 17]), data(2, 3, 8)) ** 2),
              ["full"] + BY_NAME),
