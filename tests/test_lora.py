@@ -149,6 +149,25 @@ def lora_config(c, rank=4, dropout=0.1):
     return c
 
 
+def test_a_lora_on_the_lm_head_reaches_the_loss_when_the_vocabulary_is_tiled(built):
+    """The vocabulary-tiled CE reads the head's kernel alone: with a LoRA on lm_head the loss must still be the
+    cross-entropy of the adapted logits."""
+    import dataclasses
+
+    import optax
+
+    _, _, _, fresh = built
+    model = fresh()
+    model.cfg = dataclasses.replace(model.cfg, ce_vocab_tile=8)
+    assert model.cfg.llm.vocab_size > 8
+    randomize(lora.add(model.llm, lora.LoRAConfig(rank=2, targets=("lm_head",)), None))
+    h = jnp.asarray(np.random.RandomState(0).standard_normal((2, 5, model.cfg.llm.hidden_size)), jnp.float32)
+    labels = jnp.asarray(np.random.RandomState(1).randint(0, model.cfg.llm.vocab_size, (2, 5)))
+    ce, _ = model.token_losses(h, labels)
+    want = optax.softmax_cross_entropy_with_integer_labels(model.llm.logits(h).astype(jnp.float32), labels)
+    assert_close(np.asarray(ce), np.asarray(want), what="CE with a LoRA on lm_head")
+
+
 @pytest.mark.slow
 def test_a_lora_run_lowers_the_loss_then_merges_and_exports_through_the_cli(data_dir, tmp_path, built):
     """train.run from a converted LLM with LoRA (the 7B `:lora` recipe, small): the loss falls while the kernels

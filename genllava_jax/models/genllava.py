@@ -171,7 +171,8 @@ class GenLLaVA(nnx.Module):
         """(cross-entropy (B, T) in float32, predicted ids (B, T)) of the LLM head on `hidden`: over vocabulary tiles
         when the vocabulary is larger than `ce_vocab_tile`, else from the whole logits."""
         tile = self.cfg.ce_vocab_tile
-        if tile and self.cfg.llm.vocab_size > tile:
+        head = self.llm.lm_head  # a LoRA on it goes through the whole logits: the tiles read the kernel alone
+        if tile and self.cfg.llm.vocab_size > tile and (head is None or head.lora is None):
             w, vocab_axis = self.llm.head_weight()
             return tiled_cross_entropy(hidden_BTD, w, labels_BT, tile=tile, vocab_axis=vocab_axis)
         logits = self.llm.logits(hidden_BTD).astype(jnp.float32)
