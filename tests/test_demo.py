@@ -39,10 +39,12 @@ def test_sigterm_during_training_stops_without_scores_and_says_how_to_resume(tmp
     import threading
     from pathlib import Path
 
+    from micro import FAST_COMPILE
+
     root = Path(__file__).resolve().parent.parent
     args = [f"--workdir={tmp_path / 'demo'}", "--num_train=300", "--num_eval=4", "--variants=1", "--vae_steps=3",
             "--vae_batch=8", "--train_steps=40", "--sample_steps=2"]
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "genllava_jax.demo", *args], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr, started = [], threading.Event()

@@ -10,7 +10,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from micro import fixed_batch, load_config_file, logged_losses, metric_rows, micro_config, single_mesh
+from micro import fast_compile, fixed_batch, load_config_file, logged_losses, metric_rows, micro_config, single_mesh
 
 from genllava_jax import sharding as shd, train
 
@@ -72,6 +72,7 @@ def test_sharded_train_step_equals_single_device(built):
 
 
 @pytest.mark.slow
+@fast_compile()
 def test_resumed_run_continues_exactly(data_dir, tmp_path, monkeypatch):
     c = micro_config(data_dir)
     built, jit_eval_step = [], train.jit_eval_step
@@ -152,6 +153,7 @@ def test_latent_concat_editing_mode_feeds_source_latents_to_an_8_channel_unet(bu
 
 
 @pytest.mark.slow
+@fast_compile()
 def test_latent_concat_training_starts_from_a_converted_sd_unet(data_dir, tmp_path):
     """init.unet from a text-to-image UNet converted with `python -m convert unet` widens conv_in to 8 channels (new
     ones zero: it starts as pretrained) and trains; an InstructPix2Pix UNet (8 channels already) loads as it is."""

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from micro import logged_losses, metric_rows, micro_config
+from micro import FAST_COMPILE, fast_compile, logged_losses, metric_rows, micro_config
 
 from genllava_jax import distributed, sharding as shd, train
 from genllava_jax.data.pipeline import make_dataset
@@ -94,7 +94,7 @@ class Workers:
     tail of each."""
 
     def __init__(self, args: list, logs: Path, tag: str):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES} {FAST_COMPILE}",
                "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}",
                "JAX_NUM_PROCESSES": str(NUM_PROCESSES), "PYTHONPATH": str(ROOT),
                # the restarted job reuses the first one's compilations (they take most of the time on this CPU)
@@ -149,6 +149,7 @@ def reference_losses(world, steps: int) -> list[float]:
 
 
 @pytest.mark.slow
+@fast_compile()  # the reference, compiled as the workers' programs are
 def test_two_processes_checkpoint_restart_and_match_one_process(data_dir, tmp_path):
     workdir = tmp_path / "run"
     job = Workers(["train", data_dir, workdir, 3], tmp_path, "first")  # stops after the step-3 checkpoint

@@ -11,12 +11,18 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTMod
 
 from genllava_jax import evaluate as ev, infer, sweep
 from genllava_jax.evaluate import generation, synthetic
-from micro import micro_config
+from micro import fast_compile, micro_config
 from test_sweep import untrained_workdir
 
 SETTINGS = {"own": infer.Settings(max_new_tokens=4, num_steps=2),
             "forced": infer.Settings(max_new_tokens=4, num_steps=2, force_image=True)}
 BATCH = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile():
+    with fast_compile():
+        yield
 
 
 @pytest.fixture(scope="module")
