@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from genllava_jax import errors, lora
+from genllava_jax import converter, errors, lora
 from genllava_jax import sharding as shd
 from genllava_jax.atomic import atomic_write
 
@@ -263,12 +263,6 @@ def main(argv=None) -> int:
 PARTS = {"llm": "mistral", "unet": "unet", "head": "qformer"}
 
 
-def _converter(part: str):
-    import importlib
-
-    return importlib.import_module(f"convert.{part}")
-
-
 def _main(argv) -> int:
     from genllava_jax import checkpoint, train
 
@@ -298,7 +292,7 @@ def _main(argv) -> int:
             raise errors.MissingFile(f"--workdir {a.workdir}: not a training run (no model_config.json)")
         model, _ = train.load_trained(a.workdir, _mesh(), merge_lora=a.command == "merge")
         part, module = PARTS[a.part], getattr(model, a.part)
-        conv = _converter(part)
+        conv = converter(part)
         if a.command == "to-peft":
             if not lora.adapted(module):
                 raise errors.BadValue(f"--workdir {a.workdir}: its {a.part} has no LoRA factors "
@@ -314,7 +308,7 @@ def _main(argv) -> int:
         if part not in PARTS.values():
             raise errors.BadValue(f"--base {a.base}: holds a {part} checkpoint; adapters load onto "
                                   f"{', '.join(sorted(PARTS.values()))}")
-        module, conv = checkpoint.load_module(a.base, _mesh()), _converter(part)
+        module, conv = checkpoint.load_module(a.base, _mesh()), converter(part)
         lora.merge(read_peft(module, conv.layout(module), a.adapter, _mesh()))
     if a.hf:
         conv.to_hf(module, a.out, overwrite=a.overwrite)
