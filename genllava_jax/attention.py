@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
@@ -201,6 +202,23 @@ def _per_shard(fn, q_BTNH, k_BSKH, v_BSKH, q_seg_BT, kv_seg_BS):
                          check_vma=False)(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, kv_seg_BS)
 
 
+SKIP_SCOPE = "splash_blocks_"  # + "{run}_of_{all}": the named scope of a splash call (see _splash)
+
+
+def splash_blocks(T: int, S: int, causal: bool, window: int | None) -> tuple[int, int]:
+    """(blocks the splash kernel runs, blocks of its grid) per head: a (query, key) block runs when the mask
+    keeps any of its pairs (key <= query under causal; query - key < window under a window); the grid has a row of
+    query blocks by as many key blocks as the fullest row runs (splash drops the columns no row needs)."""
+    q, k = np.arange(T // _block(T))[:, None] * _block(T), np.arange(S // _block(S))[None, :] * _block(S)
+    q_hi, k_hi = q + _block(T) - 1, k + _block(S) - 1
+    run = np.ones((q.size, k.size), bool)
+    if causal or window is not None:
+        run &= q_hi >= k
+    if window is not None:
+        run &= q - k_hi < window
+    return int(run.sum()), q.size * int(run.sum(1).max())
+
+
 def _splash_kernel(heads: int, T: int, S: int, causal: bool, window: int | None, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
@@ -224,8 +242,11 @@ def _splash(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, kv_seg_BS, *, causal, window, scal
     kernel = _splash_kernel(N, T, S, causal, window, interpret)
     heads_first = lambda x: x.transpose(0, 2, 1, 3)
     q = heads_first(q_BTNH * jnp.asarray(scale, q_BTNH.dtype))  # splash has no softmax scale of its own
-    out = jax.vmap(kernel)(q, heads_first(k_BSKH), heads_first(v_BSKH),
-                           segment_ids=SegmentIds(q_seg_BT, kv_seg_BS))
+    # the blocks its static mask leaves empty the kernel skips (no MXU work): the scope tells launch/simulate.py
+    run, every = splash_blocks(T, S, causal, window)
+    with jax.named_scope(f"{SKIP_SCOPE}{run}_of_{every}"):
+        out = jax.vmap(kernel)(q, heads_first(k_BSKH), heads_first(v_BSKH),
+                               segment_ids=SegmentIds(q_seg_BT, kv_seg_BS))
     return heads_first(out)
 
 

@@ -273,9 +273,27 @@ def reduce_depth(c, spec: str) -> tuple[ml_collections.ConfigDict, Simulation]:
         full = c.model[part][DEPTH_KEYS[part]]
         if int(n) >= full:
             raise errors.BadValue(f"--reduced_depth={spec!r}: {part} has only {full} layers")
+        if any(int(n) == d for d, _ in loops.values()):
+            raise errors.BadValue(f"--reduced_depth={spec!r}: give each part its own depth (the simulation tells "
+                                  f"their optimizer updates apart by it)")
         small.model[part][DEPTH_KEYS[part]] = int(n)
         loops[part] = (int(n), full)
     return small, Simulation(full=c, layer_loops=loops)
+
+
+def stacked_shapes(params, layer_loops: dict | None) -> dict | None:
+    """{part: the per-chip shapes of its parameters stacked over its compiled depth} of the reduced parts: the
+    simulation runs the ops outside the layer loops on such arrays (the optimizer's update) at full depth."""
+    if not layer_loops:
+        return None
+    out = {p: set() for p in layer_loops}
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        part = next((n for n in names if n in layer_loops), None)
+        shape = x.sharding.shard_shape(x.shape)
+        if part and shape and shape[0] == layer_loops[part][0]:
+            out[part].add(tuple(shape))
+    return {p: sorted(v) for p, v in out.items()}
 
 
 def configure(c, *, remat: str | dict | None = None, mesh: dict | None = None):
@@ -330,7 +348,8 @@ def check(c, devices, *, per_device_batch: int | None = None, eval_step: bool = 
             model_flops = sum(flops.analytic(full_model, full_cfg, rows=global_batch, seq_len=full_c.data.max_len,
                                              target_px=full_c.data.target_image_size, trainable=trainable).values())
             setting = {"kind": kind, "pallas_efficiency": simulate.pallas_efficiency,
-                       "layer_loops": simulate.layer_loops, "model_flops": model_flops,
+                       "layer_loops": simulate.layer_loops, "stacked": stacked_shapes(
+                           (state["params"], s.frozen), simulate.layer_loops), "model_flops": model_flops,
                        "tokens": global_batch * c.data.max_len, "chips": len(devices),
                        "rows_per_chip": global_batch // batch_shards}
             if simulate.save_hlo:

@@ -48,6 +48,7 @@ CHIPS = {
     "TPU v5 lite": Chip("v5e", 197e12, 4 * _MXU128, 819e9, 400e9 / 4 / 2),
     "TPU v6 lite": Chip("v6e", 918e12, 4 * 256 * 256 * 2, 1638e9, 800e9 / 4 / 2),
 }
+SKIP_SCOPE = "splash_blocks_"  # genllava_jax.attention.SKIP_SCOPE (not imported: this module reads saved text alone)
 RING_LINKS = 2  # a bidirectional ring along one mesh axis: a chip sends on two links at once
 PARTS = ("llm", "ce", "vision", "projector", "head", "unet", "vae", "optimizer")  # named scopes; the rest "other"
 COLLECTIVES = {"all-gather", "all-gather-start", "all-reduce", "all-reduce-start", "reduce-scatter", "all-to-all",
@@ -235,14 +236,19 @@ def collective_bytes(instr: Instr, kind: str, operand_bytes: float, n: int) -> f
 def mosaic_flops(instr: Instr) -> tuple[float, bool]:
     """(FLOPs, exact) of a Mosaic (Pallas TPU) custom call: the kernel's cost_estimate when it has one (exact as
     the kernel's author states it), else the matmuls of its body times its loops' and grid's trip counts, every
-    conditional block counted as run (an upper bound: e.g. a causal kernel skips the blocks above the diagonal)."""
+    conditional block counted as run (an upper bound: e.g. a causal kernel skips the blocks above the diagonal),
+    but for a splash kernel whose named scope states how many of its grid's blocks its static mask runs
+    (genllava_jax.attention.SKIP_SCOPE): those only."""
     m = re.search(r'"cost_estimate":\{"flops":"(\d+)"', instr.attrs)
     if m and int(m.group(1)) > 0:
         return float(m.group(1)), True
     body = re.search(r'"body":"([^"]*)"', instr.attrs)
     if not body:
         return 0.0, False
-    return _kernel_matmul_flops(base64.b64decode(body.group(1))), False
+    flops = _kernel_matmul_flops(base64.b64decode(body.group(1)))
+    if blocks := re.search(SKIP_SCOPE + r"(\d+)_of_(\d+)", instr.op_name):
+        return flops * int(blocks.group(1)) / int(blocks.group(2)), True
+    return flops, False
 
 
 def _kernel_matmul_flops(bytecode: bytes) -> float:
@@ -323,11 +329,34 @@ def part_of(op_name: str) -> str | None:
     return None
 
 
+def _arrays(shape: str) -> list[tuple[int, ...]]:
+    """The dimensions of each array in an HLO shape ("(f32[2,1024,14336]{...}, bf16[8]{0})")."""
+    return [tuple(int(d) for d in m.split(",")) for m in re.findall(r"[a-z]\w*\[([\d,]+)\]", shape)]
+
+
+def _stacked(i: Instr, scope: dict[str, Instr], layer_loops: dict | None, stacked: dict | None) -> float:
+    """How many times an op outside the layer loops of a reduced-depth compile runs at full depth: full /
+    compiled depth of the part whose stacked (layers, ...) arrays it reads or writes (the optimizer's update, the
+    casts of the stacked parameters), else 1. `stacked`: {part: per-chip shapes of its stacked arrays}; an array is
+    one of them when it leads with the compiled depth and has their other dimensions, in any order."""
+    if not layer_loops or not stacked:
+        return 1.0
+    arrays = _arrays(i.shape) + [a for o in i.operands if o in scope for a in _arrays(scope[o].shape)]
+    for part, shapes in stacked.items():
+        n, full = layer_loops[part]
+        rests = {tuple(sorted(s[1:])) for s in shapes}
+        if any(len(a) > 1 and a[0] == n and tuple(sorted(a[1:])) in rests for a in arrays):
+            return full / n
+    return 1.0
+
+
 def simulate(text: str, chip: Chip, *, pallas_efficiency: float = 0.5,
-             layer_loops: dict[str, tuple[int, int]] | None = None) -> dict:
+             layer_loops: dict[str, tuple[int, int]] | None = None, stacked: dict | None = None) -> dict:
     """Per-part cost of one step on one chip of the compiled module `text`. `layer_loops`: {part: (compiled depth,
-    full depth)}: a while loop of that part whose trip count is the compiled depth runs the full depth (the
-    reduced-depth extrapolation). Returns {"parts": {part: Cost}, "loops": [...], "warnings": [...]}."""
+    full depth)}: a while loop of that part whose trip count is the compiled depth runs the full depth, and an op
+    outside the loops on that part's stacked arrays (`stacked`: {part: their per-chip shapes}) runs full / compiled
+    times as long (the reduced-depth extrapolation). Returns {"parts": {part: Cost}, "loops": [...],
+    "warnings": [...]}."""
     comps, entry = parse(text)
     num_partitions = int(m.group(1)) if (m := re.search(r"num_partitions=(\d+)", text)) else 1
     loops, warnings, memo = [], [], {}
@@ -343,7 +372,7 @@ def simulate(text: str, chip: Chip, *, pallas_efficiency: float = 0.5,
             part = part_of(i.op_name) or ctx
             c = out[part]
             if not fused:
-                c.cycles += i.cycles
+                c.cycles += i.cycles * (1 if nested else _stacked(i, scope, layer_loops, stacked))
             kind = i.opcode.removesuffix("-start")
             if name.startswith("all-reduce-scatter") and kind == "all-reduce":
                 kind = "reduce-scatter"  # XLA:TPU's reduce-scatter: an all-reduce + slice in a kCustom fusion
@@ -429,10 +458,10 @@ def summarize(sim: dict, chip: Chip, *, model_flops: float, tokens: int, chips: 
 
 
 def run(text: str, *, kind: str, pallas_efficiency: float, layer_loops: dict | None, model_flops: float,
-        tokens: int, chips: int, rows_per_chip: float) -> dict:
+        tokens: int, chips: int, rows_per_chip: float, stacked: dict | None = None) -> dict:
     """simulate + summarize for a compiled train step on `chips` chips of `kind` (a device_kind)."""
     chip = CHIPS[kind]
-    res = simulate(text, chip, pallas_efficiency=pallas_efficiency, layer_loops=layer_loops)
+    res = simulate(text, chip, pallas_efficiency=pallas_efficiency, layer_loops=layer_loops, stacked=stacked)
     return {**summarize(res, chip, model_flops=model_flops, tokens=tokens, chips=chips, rows_per_chip=rows_per_chip),
             "model_flops": model_flops, "pallas_efficiency": pallas_efficiency, "layer_loops": layer_loops}
 

@@ -180,6 +180,23 @@ def test_a_saved_program_simulates_again_from_the_command_line(tmp_path, capsys)
         sim.main([str(tmp_path / "no.hlo.gz")])
 
 
+def test_reduced_depth_runs_the_optimizers_update_of_stacked_layers_at_full_depth():
+    """The optimizer is no loop: a 2-layer compile's update of the LLM's stacked (2, ...) parameter arrays (and any
+    other op outside the loops on them, in any order of their other dimensions) runs 16 times over at 32 layers;
+    its update of other arrays once."""
+    stacked = fusion("adam", 1000, "optimizer").replace("f32[8,128]{1,0} fusion", "f32[2,1024,64]{2,1,0} fusion")
+    norm = fusion("norm", 10, "optimizer", operands="%adam").replace("f32[8,128]{1,0} fusion", "f32[] fusion")
+    other = fusion("embed", 100, "optimizer")
+    llm = fusion("fwd", 7, "jvp(llm)").replace("f32[8,128]{1,0} fusion", "f32[2,1024,64]{2,1,0} fusion")
+    text = module(cond("c", 2), body("b", fusion("f", 1000, "jvp(llm)/while/body")),
+                  entry_lines=[loop("w", "c", "b"), stacked, norm, other, llm])
+    stacked = {"llm": [(2, 64, 1024), (2, 1024)]}  # the per-chip shapes of its stacked parameters
+    assert cycles(text, layer_loops={"llm": (2, 32)}, stacked=stacked) == {
+        "optimizer": 16 * 1000 + 16 * 10 + 100, "llm": 32 * 1000 + 16 * 7}
+    assert cycles(text, layer_loops={"llm": (2, 32)}, stacked={"llm": [(2, 64, 64)]})["optimizer"] == 1110
+    assert cycles(text) == {"optimizer": 1110, "llm": 2 * 1000 + 7}
+
+
 def test_part_of_reads_the_outermost_named_scope_of_a_traced_op():
     assert sim.part_of("jit(train_step)/transpose(jvp(llm))/while/body/closed_call/dot_general") == "llm"
     assert sim.part_of("jit(train_step)/optimizer/jit(_where)/select_n") == "optimizer"
@@ -225,6 +242,38 @@ def test_mosaic_kernel_flops_from_its_body_match_the_attention_count():
     assert (flops, exact) == (4 * 1 * 2 * 512 ** 2 * 128, False)
 
 
+def test_a_causal_splash_kernel_is_costed_by_the_blocks_it_runs():
+    """Our splash attention (causal, 2048 tokens: 4 x 4 blocks of 512, 10 on or below the diagonal) compiled for
+    v5p, forward and backward: each of its Mosaic kernels carries the scope naming the blocks it runs, and is costed
+    at 10/16 of its grid's matmuls; the kernel's own block mask (genllava_jax.attention.splash_blocks) agrees."""
+    import numpy as np
+
+    from genllava_jax import attention
+
+    assert attention.splash_blocks(2048, 2048, True, None) == (10, 16)
+    for T, causal, window in [(2048, True, None), (4096, False, None), (4096, True, 1024), (640, True, None)]:
+        mask = np.asarray(attention._splash_kernel(1, T, T, causal, window, True).fwd_mask_info.block_mask)
+        assert attention.splash_blocks(T, T, causal, window) == (np.count_nonzero(mask), mask.size), (T, window)
+
+    dev = aot.target_devices("v5p:2x2x1")[0]
+    q = jax.ShapeDtypeStruct((1, 2048, 2, 128), jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(dev))
+
+    def loss(q, k, v):
+        return attention.attention(q, k, v, attention.Mask(causal=True), backend="splash").astype(jnp.float32).sum()
+
+    with jax.default_matmul_precision("default"):  # conftest's "highest" asks Mosaic for an fp32 bf16 matmul
+        text = _compiled(jax.grad(loss, argnums=(0, 1, 2)), q, q, q)
+    comps, _ = sim.parse(text)
+    kernels = [i for c in comps.values() for i in c if 'custom_call_target="tpu_custom_call"' in i.attrs]
+    assert len(kernels) == 3  # forward, dq, dkv
+    for k in kernels:
+        assert "splash_blocks_10_of_16" in k.op_name, k.op_name
+        flops, exact = sim.mosaic_flops(k)
+        k.attrs = k.attrs.replace("splash_blocks_", "unnamed_")
+        grid, grid_exact = sim.mosaic_flops(k)
+        assert exact and not grid_exact and flops == pytest.approx(grid * 10 / 16) and flops > 0
+
+
 @pytest.mark.slow
 def test_chip_clock_matches_libtpu_cycles_for_a_large_matmul():
     """The table's clock is peak / MXU FLOPs per cycle; libtpu's estimated cycles for a 4096³ bf16 matmul must
@@ -245,45 +294,63 @@ def test_reduce_depth_config_and_errors():
     small, s = aot.reduce_depth(c, "llm=2,vision=3")
     assert (small.model.llm.num_layers, small.model.vision.num_layers) == (2, 3)
     assert s.layer_loops == {"llm": (2, 32), "vision": (3, 27)} and s.full is c
-    for bad, msg in [("llm=1", "LAYERS >= 2"), ("unet=2", "PART=LAYERS"), ("llm=40", "only 32 layers")]:
+    for bad, msg in [("llm=1", "LAYERS >= 2"), ("unet=2", "PART=LAYERS"), ("llm=40", "only 32 layers"),
+                     ("llm=3,vision=3", "its own depth")]:
         with pytest.raises(ValueError, match=msg):
             aot.reduce_depth(c, bad)
 
 
 @pytest.mark.slow
 def test_reduced_depth_extrapolates_a_scanned_llm_like_its_full_depth_compile():
-    """A tiny Mistral's train step (forward, backward, full remat, fsdp over v5e:2x2) at 2 layers, its layer
-    loops run 6 times, simulates within 3 % of the 6-layer compile, part by part."""
+    """A small Mistral's train step (forward, backward, full remat, AdamW; fsdp over v5e:2x2) at 2 layers, its
+    layer loops and its ops on the stacked parameters (the optimizer's update, the casts) run 6 times over,
+    simulates within 3 % of the 6-layer compile (the LLM part within 5 %). (Its arrays are large enough for the
+    update's time to follow their size, as at 7B.)"""
     import optax
     from flax import nnx
 
     from genllava_jax import sharding as shd
+    from genllava_jax import train
     from genllava_jax.models.mistral import Mistral, MistralConfig
 
     devices = aot.target_devices("v5e:2x2")
     mesh = aot.build_mesh({"fsdp": 4}, devices)
+    tx = optax.adamw(1e-4)
     out = {}
     for layers in (2, 6):
-        cfg = MistralConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=layers,
-                            num_heads=4, num_kv_heads=2, head_dim=64, remat="full", dtype="bfloat16",
+        cfg = MistralConfig(vocab_size=512, hidden_size=1024, intermediate_size=4096, num_layers=layers,
+                            num_heads=8, num_kv_heads=4, head_dim=128, remat="full", dtype="bfloat16",
                             attention="xla")  # XLA's fusions carry cycle estimates; a Pallas kernel has none
         model = nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0)))
         graphdef, params = nnx.split(model)
         params = shd.with_shardings(params, shd.state_shardings(params, mesh))
+        opt_state = shd.with_shardings(jax.eval_shape(tx.init, params),
+                                       train.state_shardings(params, tx, mesh)["opt"])  # moments like params
         ids = jax.ShapeDtypeStruct((8, 256), jnp.int32, sharding=jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec("fsdp")))
 
-        def step(params, ids):
+        def step(params, opt_state, ids):
             def loss(p):
                 with jax.named_scope("llm"):
                     logits = nnx.merge(graphdef, p)(ids).logits
                 return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), ids).mean()
-            return jax.grad(loss)(params)
+            grads = jax.grad(loss)(params)
+            with jax.named_scope("optimizer"):
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state
 
         with jax.set_mesh(mesh):
-            text = _compiled(step, params, ids)
-        out[layers] = sim.simulate(text, V5E, layer_loops={"llm": (2, 6)} if layers == 2 else None)
+            text = _compiled(step, params, opt_state, ids)
+        loops = {"llm": (2, 6)} if layers == 2 else None
+        stacked = aot.stacked_shapes({"llm": params}, loops)
+        out[layers] = sim.simulate(text, V5E, layer_loops=loops, stacked=stacked)
+        if layers == 2:
+            out["once"] = sim.simulate(text, V5E)
+            assert {(256, 4096), (4096, 256)} <= {s[1:] for s in stacked["llm"]}  # per chip: fsdp=4
     assert sorted(x["trips"] for x in out[6]["loops"] if x["part"] == "llm")[-2:] == [6, 6]
     full, reduced = (sum(c.cycles for c in out[n]["parts"].values()) for n in (6, 2))
     assert reduced == pytest.approx(full, rel=0.03)
-    assert out[2]["parts"]["llm"].cycles == pytest.approx(out[6]["parts"]["llm"].cycles, rel=0.03)
+    # the LLM's ops outside its loops on stacked activations (the saved residuals' buffers) are not scaled: 3.6 %
+    for part, rel in (("llm", 0.05), ("optimizer", 0.03), ("other", 0.03)):
+        assert out[2]["parts"][part].cycles == pytest.approx(out[6]["parts"][part].cycles, rel=rel), part
+    assert out["once"]["parts"]["optimizer"].cycles < 0.5 * out[6]["parts"]["optimizer"].cycles
