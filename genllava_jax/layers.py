@@ -113,7 +113,7 @@ def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
     angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
     angles_BTD = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]
     # the angles in float32, the rotation in x's dtype, as transformers does: a float32 rotation of bfloat16 q and k
-    # costs the TPU a float32 copy of each (~5 % of a 7B layer's step, bench/llm_layer.py)
+    # costs the TPU a float32 copy of each (~2 % of a 7B layer's time, bench/llm_layer.py)
     cos, sin = jnp.cos(angles_BTD).astype(x_BTHD.dtype), jnp.sin(angles_BTD).astype(x_BTHD.dtype)
     x1, x2 = jnp.split(x_BTHD, 2, axis=-1)
     return x_BTHD * cos + jnp.concatenate([-x2, x1], axis=-1) * sin

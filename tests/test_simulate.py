@@ -251,6 +251,7 @@ def test_a_causal_splash_kernel_is_costed_by_the_blocks_it_runs():
     from genllava_jax import attention
 
     assert attention.splash_blocks(2048, 2048, True, None) == (10, 16)
+    assert sim.SKIP_SCOPE == attention.SKIP_SCOPE  # one convention, spelt in both (simulate reads saved text alone)
     for T, causal, window in [(2048, True, None), (4096, False, None), (4096, True, 1024), (640, True, None)]:
         mask = np.asarray(attention._splash_kernel(1, T, T, causal, window, True).fwd_mask_info.block_mask)
         assert attention.splash_blocks(T, T, causal, window) == (np.count_nonzero(mask), mask.size), (T, window)
