@@ -209,8 +209,9 @@ def splash_blocks(T: int, S: int, causal: bool, window: int | None) -> tuple[int
     """(blocks the splash kernel runs, blocks of its grid) per head: a (query, key) block runs when the mask
     keeps any of its pairs (key <= query under causal; query - key < window under a window); the grid has a row of
     query blocks by as many key blocks as the fullest row runs (splash drops the columns no row needs)."""
-    q, k = np.arange(T // _block(T))[:, None] * _block(T), np.arange(S // _block(S))[None, :] * _block(S)
-    q_hi, k_hi = q + _block(T) - 1, k + _block(S) - 1
+    bq, bk = _block(T), _block(S)
+    q, k = np.arange(T // bq)[:, None] * bq, np.arange(S // bk)[None, :] * bk
+    q_hi, k_hi = q + bq - 1, k + bk - 1
     run = np.ones((q.size, k.size), bool)
     if causal or window is not None:
         run &= q_hi >= k

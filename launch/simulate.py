@@ -334,19 +334,26 @@ def _arrays(shape: str) -> list[tuple[int, ...]]:
     return [tuple(int(d) for d in m.split(",")) for m in re.findall(r"[a-z]\w*\[([\d,]+)\]", shape)]
 
 
-def _stacked(i: Instr, scope: dict[str, Instr], layer_loops: dict | None, stacked: dict | None) -> float:
+def _stacked_keys(layer_loops: dict | None, stacked: dict | None) -> list[tuple[int, float, set]]:
+    """(compiled depth, full / compiled, the stacked arrays' other dimensions sorted) per reduced part: what
+    `_stacked` matches an op's arrays against. `stacked`: {part: per-chip shapes of its stacked arrays}."""
+    if not layer_loops or not stacked:
+        return []
+    return [(layer_loops[p][0], layer_loops[p][1] / layer_loops[p][0], {tuple(sorted(s[1:])) for s in shapes})
+            for p, shapes in stacked.items()]
+
+
+def _stacked(i: Instr, scope: dict[str, Instr], keys: list[tuple[int, float, set]]) -> float:
     """How many times an op outside the layer loops of a reduced-depth compile runs at full depth: full /
     compiled depth of the part whose stacked (layers, ...) arrays it reads or writes (the optimizer's update, the
-    casts of the stacked parameters), else 1. `stacked`: {part: per-chip shapes of its stacked arrays}; an array is
-    one of them when it leads with the compiled depth and has their other dimensions, in any order."""
-    if not layer_loops or not stacked:
+    casts of the stacked parameters), else 1. An array is one of them when it leads with the compiled depth and has
+    their other dimensions, in any order (`keys`: _stacked_keys)."""
+    if not keys:
         return 1.0
     arrays = _arrays(i.shape) + [a for o in i.operands if o in scope for a in _arrays(scope[o].shape)]
-    for part, shapes in stacked.items():
-        n, full = layer_loops[part]
-        rests = {tuple(sorted(s[1:])) for s in shapes}
+    for n, times, rests in keys:
         if any(len(a) > 1 and a[0] == n and tuple(sorted(a[1:])) in rests for a in arrays):
-            return full / n
+            return times
     return 1.0
 
 
@@ -361,6 +368,7 @@ def simulate(text: str, chip: Chip, *, pallas_efficiency: float = 0.5,
     num_partitions = int(m.group(1)) if (m := re.search(r"num_partitions=(\d+)", text)) else 1
     loops, warnings, memo = [], [], {}
     scaled = defaultdict(int)
+    keys = _stacked_keys(layer_loops, stacked)
 
     def visit(name: str, ctx: str, fused: bool, nested: bool = False) -> dict[str, Cost]:
         key = (name, ctx, fused, nested)
@@ -372,7 +380,7 @@ def simulate(text: str, chip: Chip, *, pallas_efficiency: float = 0.5,
             part = part_of(i.op_name) or ctx
             c = out[part]
             if not fused:
-                c.cycles += i.cycles * (1 if nested else _stacked(i, scope, layer_loops, stacked))
+                c.cycles += i.cycles * (1 if nested else _stacked(i, scope, keys))
             kind = i.opcode.removesuffix("-start")
             if name.startswith("all-reduce-scatter") and kind == "all-reduce":
                 kind = "reduce-scatter"  # XLA:TPU's reduce-scatter: an all-reduce + slice in a kCustom fusion
