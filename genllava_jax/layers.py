@@ -212,6 +212,12 @@ def scan_layers(stacked: nnx.Module, body: Callable, carry, xs=None, *, policy: 
 
 
 class Conv(nnx.Module):
+    # The kernel is gathered whole (replicated) before the convolution: sharded on its output channels (fsdp), XLA:TPU
+    # otherwise runs it as a windowed all-gather loop of fsdp convolutions with out/fsdp channels each (8 of 128 on
+    # 16 chips), which starves the MXU (bench/conv_gather.py: the SD VAE's encoder on v5e-16). The class attribute
+    # is that benchmark's switch.
+    gather_kernel = True
+
     def __init__(self, in_ch: int, out_ch: int, kernel: int | tuple[int, int], *, stride: int = 1,
                  padding: int | tuple[int, int] | str = 0, use_bias: bool = True, rngs: nnx.Rngs,
                  dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
@@ -227,7 +233,10 @@ class Conv(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x_NHWC: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(x_NHWC.astype(self.dtype), self.kernel[...].astype(self.dtype),
+        kernel = self.kernel[...].astype(self.dtype)
+        if self.gather_kernel:
+            kernel = constrain(kernel, (None,) * kernel.ndim)
+        y = jax.lax.conv_general_dilated(x_NHWC.astype(self.dtype), kernel,
                                          (self.stride, self.stride), self.padding,
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.bias is not None:
