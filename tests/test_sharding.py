@@ -143,7 +143,6 @@ def test_strict_sharding_config_key_stops_the_build_before_anything_is_allocated
         train.build(c, shd.make_mesh({"fsdp": 8}))
 
 
-
 def test_a_conv_kernel_sharded_over_fsdp_is_gathered_whole_not_windowed(monkeypatch):
     """Compiled for a TPU (v5e-16 through libtpu, nothing runs): a 3x3 conv whose kernel is fsdp-sharded on its
     output channels, as the UNet and VAE hold theirs. As sharded, XLA:TPU runs it as a windowed all-gather loop of
