@@ -5,7 +5,7 @@ chip, fsdp over every chip, the 7B config's towers (SD v1.4 at 512 px, bfloat16)
 (forward) and the UNet's gradient (full remat). Compiled on this CPU through libtpu (nothing runs), simulated from
 libtpu's cost model (launch/simulate.py): an estimate, not a measurement.
 
-    python bench/conv_gather.py [--topology=v5e-16] [--rows=1]
+    python bench/conv_gather.py [--topology=v5e-16] [--rows=1] [--towers=vae,unet]
 
 prints a line per tower and setting: `TOWER, kernels gathered|as sharded: S ms a step (ratio to as sharded R);
 temporaries M GiB a chip; compile C s`.
@@ -25,19 +25,19 @@ from flax import nnx  # noqa: E402
 
 import bench_util  # noqa: E402, F401 -- puts the checkout's root on sys.path (configs/, launch/)
 from configs import genllava_7b  # noqa: E402
-from genllava_jax import layers, sharding as shd  # noqa: E402
-from genllava_jax.models.unet import UNet, UNetConfig  # noqa: E402
-from genllava_jax.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from genllava_jax import layers, sharding as shd, train  # noqa: E402
+from genllava_jax.models.unet import UNet  # noqa: E402
+from genllava_jax.models.vae import AutoencoderKL  # noqa: E402
 from launch import aot  # noqa: E402
 from launch import simulate as sim  # noqa: E402
 
 
 def programs(rows: int, chips: int):
     """tower -> (module constructor, function of (module, inputs), input shapes): as the joint step calls them."""
-    m = genllava_7b.get_config().model
-    vae_cfg = VAEConfig(**{k: v for k, v in dict(m.vae).items() if k in VAEConfig.__dataclass_fields__})
-    unet_cfg = UNetConfig(**{k: v for k, v in dict(m.unet).items() if k in UNetConfig.__dataclass_fields__})
-    B, px, lat = rows * chips, 512, unet_cfg.sample_size
+    c = genllava_7b.get_config()
+    cfg = train.model_config(c, aot.tokenizer_for(c))  # the towers' configs as the joint step builds them
+    vae_cfg, unet_cfg = cfg.vae, cfg.unet
+    B, px, lat = rows * chips, c.data.target_image_size, unet_cfg.sample_size
 
     def vae(model, x):
         with jax.named_scope("vae"):  # the joint step's scope: launch/simulate.py attributes by it
@@ -75,7 +75,7 @@ def cell(topology: str, rows: int, tower: str, gather: bool) -> dict:
         layers.Conv.gather_kernel = True
     chip = sim.CHIPS[devices[0].device_kind]
     res = sim.simulate(compiled.as_text(), chip)
-    cost = res["parts"].get(tower)
+    cost = res["parts"][tower]
     return {"s": cost.cycles / chip.clock_hz + cost.pallas_s, "compile_s": compile_s,
             "temp_gib": compiled.memory_analysis().temp_size_in_bytes / 2 ** 30}
 
